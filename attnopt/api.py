@@ -1,0 +1,248 @@
+"""The public verbs: :func:`find_attention` and :func:`optimize`. Thin: they call the passes."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from attnopt.capture import (
+    Call,
+    Captured,
+    bind_inputs,
+    capture,
+    eval_mode,
+    example_inputs_for,
+    is_hf_model,
+)
+from attnopt.config import AttentionConfig, Policy, check_policy, resolve_policy
+from attnopt.passes.canonicalize_attention import canonicalize_attention
+from attnopt.passes.find_attention import find_attention_sites
+from attnopt.passes.rewrite_attention import SiteResult, rewrite_attention
+from attnopt.report import OptimizationReport, compare_outputs
+from attnopt.site import AttentionSite
+
+__all__ = ["OptimizedModule", "find_attention", "optimize"]
+
+LayerSelector = Union[str, "re.Pattern[str]", Sequence[str], Callable[[AttentionSite], bool], None]
+
+_MAX_GRAPHS = 8
+
+
+def _sites_of(captured: Captured) -> list[AttentionSite]:
+    canonicalize_attention(captured.module)
+    return find_attention_sites(captured.module, captured.args, captured.kwargs)
+
+
+def find_attention(model: nn.Module, example_inputs: Any = None) -> list[AttentionSite]:
+    """Every attention site in ``model``.
+
+    Args:
+        model: any ``nn.Module``; not modified.
+        example_inputs: a tuple of positional arguments or a dict of keyword arguments
+            as ``model.forward`` takes them; optional for transformers models.
+
+    Example:
+        >>> import attnopt
+        >>> model = attnopt.zoo.tiny_model("tiny-llama")
+        >>> [s.name for s in attnopt.find_attention(model)]
+        ['model.layers.0.self_attn', 'model.layers.1.self_attn']
+    """
+    return _sites_of(capture(model, example_inputs))
+
+
+def _selected(site: AttentionSite, layers: LayerSelector) -> bool:
+    if layers is None:
+        return True
+    if callable(layers) and not isinstance(layers, (str, re.Pattern)):
+        return bool(layers(site))
+    patterns = [layers] if isinstance(layers, (str, re.Pattern)) else list(layers)
+    from attnopt.config import _matches
+
+    return any(_matches(p, site.name) for p in patterns)
+
+
+def _check_layers(layers: Any) -> None:
+    if layers is None or callable(layers) or isinstance(layers, (str, re.Pattern)):
+        return
+    if isinstance(layers, Sequence) and all(isinstance(p, (str, re.Pattern)) for p in layers):
+        return
+    raise TypeError(
+        "layers must be a glob pattern, a compiled regex, a list of them, or a predicate "
+        f"taking an AttentionSite; got {layers!r}"
+    )
+
+
+def _assign(sites, config, layers) -> tuple[dict[str, AttentionConfig | None], dict[str, str]]:
+    assignment: dict[str, AttentionConfig | None] = {}
+    reasons: dict[str, str] = {}
+    for site in sites:
+        if not _selected(site, layers):
+            reasons[site.name] = "not selected by layers"
+            continue
+        chosen = resolve_policy(config, site.name)
+        if chosen is None:
+            reasons[site.name] = "no config for this site in the policy"
+        assignment[site.name] = chosen
+    return assignment, reasons
+
+
+class OptimizedModule(nn.Module):
+    """A model whose attention runs through attnopt ops, called like the original.
+
+    It holds the original model (``_orig_mod``; parameters are shared, not copied)
+    and one rewritten graph per input signature it has seen: calls with another
+    structure, dtype or size outside a graph's dynamic range are captured and
+    rewritten again with the same per-site configs (with a warning). Attributes the
+    wrapper does not define (``config``, ``device``, ...) come from the original.
+    Moving it (``.to()``, ``.half()``) drops the graphs; they are rebuilt on the
+    next call. The graphs are captured in eval mode.
+
+    Attributes:
+        report: :class:`~attnopt.report.OptimizationReport` of the first capture.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AttentionConfig | Policy,
+        layers: LayerSelector,
+        captured: Captured,
+        results: list[SiteResult],
+        report: OptimizationReport,
+        call_defaults: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self._orig_mod = model
+        self._attn_config = config
+        self._attn_layers = layers
+        self._call_defaults = call_defaults
+        self._graphs: list[tuple[Any, torch.fx.GraphModule]] = [
+            (captured.signature, captured.module)
+        ]
+        self._lock = threading.Lock()
+        self.report = report
+        self._assignment = {r.name: r.config for r in results}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            orig = self._modules.get("_orig_mod")
+            if orig is None or name.startswith("__"):
+                raise
+            return getattr(orig, name)
+
+    @property
+    def graphs(self) -> list[torch.fx.GraphModule]:
+        """The rewritten graphs captured so far (inspect their ops here)."""
+        return [g for _, g in self._graphs]
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The graph built by :func:`optimize` (for the example inputs)."""
+        return self._graphs[0][1]
+
+    def _bind(self, args, kwargs):
+        args, kwargs = bind_inputs(self._orig_mod, Call(args, kwargs))
+        for k, v in self._call_defaults.items():
+            kwargs.setdefault(k, v)
+        return args, kwargs
+
+    def _graph_for(self, args, kwargs) -> torch.fx.GraphModule:
+        for signature, gm in self._graphs:
+            if signature.accepts(args, kwargs):
+                return gm
+        with self._lock:
+            warnings.warn(
+                "attnopt: these inputs fall outside the graphs captured so far (other "
+                "arguments, dtype, device or a size outside the dynamic range); capturing "
+                "and rewriting again",
+                stacklevel=3,
+            )
+            captured = capture(self._orig_mod, Call(args, kwargs))
+            sites = _sites_of(captured)
+            assignment = {s.name: self._assignment.get(s.name) for s in sites}
+            rewrite_attention(captured.module, sites, assignment)
+            self._graphs.insert(0, (captured.signature, captured.module))
+            del self._graphs[_MAX_GRAPHS:]
+            return captured.module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._bind(args, kwargs)
+        return self._graph_for(args, kwargs)(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # Graphs bake in devices and dtypes (and hold the old buffers): rebuild lazily.
+        out = super()._apply(fn, recurse)
+        self._graphs = [] if hasattr(self, "_graphs") else []
+        return out
+
+
+def optimize(
+    model: nn.Module,
+    config: AttentionConfig | Policy,
+    example_inputs: Any = None,
+    *,
+    layers: LayerSelector = None,
+    measure: bool = True,
+) -> OptimizedModule:
+    """Rewrite the attention in ``model`` into the variant(s) ``config`` names.
+
+    Args:
+        model: any ``nn.Module``; never modified (parameters are shared with the result).
+        config: a variant config (``attnopt.SlidingWindow(256)``) for every site, or a
+            per-layer policy ``{"model.layers.[0-3].*": cfg, "*": None}`` mapping
+            site-name globs (or compiled regexes) to configs; first match wins,
+            ``None`` leaves a site as it is.
+        example_inputs: a tuple of positional args or a dict of keyword args as
+            ``model.forward`` takes them; optional for transformers models.
+        layers: restricts the rewrite to sites whose name matches a glob/regex (or
+            any of a list), or for which a predicate ``f(site) -> bool`` is true.
+        measure: run both models once on the example inputs and record the output
+            difference in ``report.output_error``.
+
+    Returns:
+        An :class:`OptimizedModule` called exactly like ``model``; ``.report`` lists
+        every site with its variant, whether it was applied, and why not.
+
+    Example:
+        >>> import attnopt
+        >>> model = attnopt.zoo.tiny_model("tiny-llama")
+        >>> fast = attnopt.optimize(model, attnopt.SlidingWindow(window=8))
+        >>> len(fast.report.applied)
+        2
+    """
+    check_policy(config)
+    _check_layers(layers)
+    call_defaults: dict[str, Any] = {}
+    if example_inputs is None:
+        example_inputs = example_inputs_for(model)
+    if is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+        call_defaults["use_cache"] = False
+        if isinstance(example_inputs, dict):
+            example_inputs = {**example_inputs, "use_cache": False}
+    captured = capture(model, example_inputs)
+    sites = _sites_of(captured)
+    if not sites:
+        raise ValueError(
+            f"no attention found in {type(model).__name__}: attnopt looks for "
+            f"scaled_dot_product_attention and softmax(q @ k^T) @ v; check that the model "
+            f"computes attention in its forward for these inputs"
+        )
+    assignment, reasons = _assign(sites, config, layers)
+    results = rewrite_attention(captured.module, sites, assignment, reasons)
+    report = OptimizationReport(results)
+    optimized = OptimizedModule(model, config, layers, captured, results, report, call_defaults)
+    if measure:
+        with eval_mode(model), torch.no_grad():
+            reference = model(*captured.args, **captured.kwargs)
+            actual = captured.module(*captured.args, **captured.kwargs)
+        report.output_error = compare_outputs(reference, actual)
+    return optimized
