@@ -98,8 +98,11 @@ def example_inputs_for(
         if "attention_mask" in params:
             inputs["attention_mask"] = torch.ones_like(ids)
         if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            # A different length from the encoder's keeps the two sequence sizes apart in
+            # the graph, so cross-attention is recognisable.
+            dec_len = max(2, seq_len - 4)
             inputs["decoder_input_ids"] = torch.randint(
-                0, vocab, (batch, seq_len), generator=gen
+                0, vocab, (batch, dec_len), generator=gen
             ).to(device)
     else:
         raise CaptureError(

@@ -93,11 +93,16 @@ def depends_on_input(node: fx.Node) -> bool:
 
 
 def remove_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
-    """Erase assertion nodes hanging off ``nodes``, then dead code."""
-    for n in list(nodes):
+    """Erase ``nodes`` once nothing uses them (with assertions hanging off them), then
+    dead code. Explicit because DCE keeps ops it deems impure, such as dropout and
+    SDPA (which take a seed)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(nodes, key=lambda x: order.get(x, -1), reverse=True):
         for u in list(n.users):
             if is_call(u, ASSERT_OPS):
                 graph.erase_node(u)
+        if not n.users:
+            graph.erase_node(n)
     graph.eliminate_dead_code()
 
 

@@ -7,7 +7,10 @@ is ``aten.softmax.int``:
   per operand) become ``permute → matmul → permute``;
 * ``bmm`` becomes ``matmul`` (the same math for 3-D operands);
 * ``baddbmm(bias, a, b, beta, alpha)`` becomes ``alpha·(a @ b) + beta·bias``;
-* ``_softmax`` / ``_safe_softmax`` become ``softmax``.
+* ``_softmax`` / ``_safe_softmax`` become ``softmax``;
+* a scalar ``mul``/``div`` of an operand of a score product (pre-scaled ``q`` or
+  ``k``, possibly followed by transposes and reshapes) moves after the product, so
+  the scale sits in the score chain where the matcher reads it.
 
 A new spelling of attention is a new rule here, not a new pattern in the matcher.
 The pass only rewrites into mathematically equal forms and is idempotent.
@@ -20,7 +23,22 @@ import dataclasses
 import torch
 from torch import fx
 
-from attnopt.passes._graph import fake_run
+from attnopt.passes._graph import (
+    ADD_OPS,
+    CAST_OPS,
+    DIV_OPS,
+    FILL_OPS,
+    MATMUL_OPS,
+    MUL_OPS,
+    SOFTMAX_OPS,
+    SUB_OPS,
+    WHERE_OPS,
+    fake_run,
+    is_call,
+    is_scalar_operand,
+    real_users,
+    val,
+)
 
 aten = torch.ops.aten
 
@@ -140,6 +158,84 @@ def _bmm_to_matmul(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
+# Ops a pre-scale may pass through on its way to the score product: scaling commutes
+# with them, and they keep the shape and dtype of a scalar-scaled tensor.
+_SHAPE_OPS = {
+    aten.permute.default,
+    aten.transpose.int,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.clone.default,
+    aten.contiguous.default,
+}
+_SCORE_CHAIN_OPS = CAST_OPS | MUL_OPS | DIV_OPS | ADD_OPS | SUB_OPS | FILL_OPS | WHERE_OPS
+
+
+def _feeds_softmax(node: fx.Node) -> bool:
+    """Is ``node`` a score product: does a single-user score chain lead to a softmax?"""
+    for _ in range(64):
+        users = real_users(node)
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if is_call(node, SOFTMAX_OPS):
+            return True
+        if not is_call(node, _SCORE_CHAIN_OPS):
+            return False
+    return False
+
+
+def _pre_scale(operand: object):
+    """``(consumer, scaled, t, s)`` when ``operand`` is ``scaled = t * s`` (or ``t / s``)
+    for a scalar ``s``, seen through single-user shape ops; ``consumer`` is the shape
+    op using ``scaled``, or None when the product uses it directly."""
+    consumer = None
+    node = operand
+    while is_call(node, _SHAPE_OPS) and len(node.users) == 1:
+        consumer, node = node, node.args[0]
+    if not (is_call(node, MUL_OPS | DIV_OPS) and len(node.users) == 1):
+        return None
+    a, b = node.args[0], node.args[1]
+    if is_call(node, MUL_OPS) and is_scalar_operand(a) and not is_scalar_operand(b):
+        a, b = b, a  # s * t
+    if is_call(node, DIV_OPS) and node.kwargs.get("rounding_mode") is not None:
+        return None
+    if not isinstance(a, fx.Node) or not is_scalar_operand(b):
+        return None
+    before, after = val(a), val(node)
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return None
+    if before.dtype != after.dtype or before.shape != after.shape:
+        return None  # the scalar promotes or broadcasts: not a pure rescaling
+    if after.dtype == torch.float16:
+        # In fp16 a pre-scale may be what keeps q·kᵀ finite; moving it after the product
+        # could overflow a site that is later left unrewritten.
+        return None
+    return consumer, node, a, b
+
+
+def _sink_pre_scales(graph: fx.Graph, node: fx.Node) -> int:
+    """Move scalar pre-scales of a score product's operands after the product."""
+    if not _feeds_softmax(node):
+        return 0
+    moved = 0
+    for operand in node.args[:2]:
+        found = _pre_scale(operand)
+        if found is None:
+            continue
+        consumer, scaled, source, factor = found
+        (consumer or node).replace_input_with(scaled, source)
+        with graph.inserting_after(node):
+            out = _new(graph, scaled.target, (node, factor), like=scaled)
+        node.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
+        graph.erase_node(scaled)
+        moved += 1
+    return moved
+
+
 _RULES = {
     aten.einsum.default: ("einsum", _lower_einsum),
     aten.bmm.default: ("bmm", _bmm_to_matmul),
@@ -158,6 +254,10 @@ def canonicalize_attention(gm: fx.GraphModule) -> CanonicalizeResult:
         name, rule = _RULES[node.target]
         if rule(gm.graph, node):
             counts[name] = counts.get(name, 0) + 1
+    # After the lowerings above, so products spelled as einsum/bmm/baddbmm are matmuls.
+    for node in list(gm.graph.nodes):
+        if is_call(node, MATMUL_OPS) and (moved := _sink_pre_scales(gm.graph, node)):
+            counts["pre_scale"] = counts.get("pre_scale", 0) + moved
     if counts:
         gm.graph.lint()
         gm.recompile()

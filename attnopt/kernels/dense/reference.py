@@ -16,7 +16,7 @@ import torch
 
 from attnopt.kernels._checks import check_attention_inputs
 
-__all__ = ["compute_dtype", "dense_attention_reference", "masked_attention"]
+__all__ = ["compute_dtype", "dense_attention_reference", "masked_attention", "visible_keys"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

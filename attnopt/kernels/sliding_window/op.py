@@ -1,0 +1,127 @@
+"""``attnopt::sliding_window_attention``: the sliding-window variant as one graph node.
+
+The forward runs the blockwise CPU kernel. The backward is its own op
+(``sliding_window_attention_backward``) that reruns the blockwise forward under
+``torch.func.vjp`` and differentiates it, so nothing but the inputs is kept between
+forward and backward, and the backward's memory stays O(N·window).
+"""
+
+import torch
+
+from attnopt.kernels._checks import check_attention_inputs, check_window_args
+from attnopt.kernels.sliding_window.blockwise import _blockwise
+
+__all__ = ["sliding_window_attention", "sliding_window_attention_backward"]
+
+_NAME = "attnopt::sliding_window_attention"
+
+
+def _check(q, k, v, kv_mask, bias, window, sinks, dilation) -> None:
+    if bias is not None:
+        raise ValueError(
+            f"{_NAME}: bias must be None (sliding-window attention takes masks only as "
+            f"causal plus kv_mask), got a tensor of shape {tuple(bias.shape)}"
+        )
+    check_attention_inputs(_NAME, q, k, v, kv_mask)
+    check_window_args(_NAME, window, sinks, dilation)
+
+
+@torch.library.custom_op(_NAME, mutates_args=())
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    window: int,
+    sinks: int,
+    dilation: int,
+) -> torch.Tensor:
+    """Sliding-window attention; semantics of
+    :class:`~attnopt.kernels.sliding_window.SlidingWindow`.
+
+    Shapes: ``q [B, H, N, D]``, ``k [B, Hkv, M, D]``, ``v [B, Hkv, M, Dv]``,
+    ``kv_mask`` bool broadcastable to ``[B, H, M]``; ``bias`` must be None.
+    Returns ``[B, H, N, Dv]`` in ``q.dtype``.
+    """
+    _check(q, k, v, kv_mask, bias, window, sinks, dilation)
+    return _blockwise(
+        q,
+        k,
+        v,
+        kv_mask,
+        window=window,
+        sinks=sinks,
+        dilation=dilation,
+        scale=scale,
+        causal=causal,
+        differentiable=False,
+    )
+
+
+@sliding_window_attention.register_fake
+def _sliding_window_attention_fake(q, k, v, kv_mask, bias, scale, causal, window, sinks, dilation):
+    _check(q, k, v, kv_mask, bias, window, sinks, dilation)
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+@torch.library.custom_op("attnopt::sliding_window_attention_backward", mutates_args=())
+def sliding_window_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    window: int,
+    sinks: int,
+    dilation: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`sliding_window_attention` for ``q``, ``k`` and ``v``."""
+
+    def forward(q_, k_, v_):
+        return _blockwise(
+            q_,
+            k_,
+            v_,
+            kv_mask,
+            window=window,
+            sinks=sinks,
+            dilation=dilation,
+            scale=scale,
+            causal=causal,
+            differentiable=True,
+        )
+
+    # Custom-op bodies run below the autograd dispatch key, so plain autograd would
+    # record nothing here; torch.func.vjp differentiates through its own transform.
+    _, vjp = torch.func.vjp(forward, q, k, v)
+    dq, dk, dv = vjp(grad_out)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@sliding_window_attention_backward.register_fake
+def _sliding_window_attention_backward_fake(
+    grad_out, q, k, v, kv_mask, scale, causal, window, sinks, dilation
+):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_mask, bias, scale, causal, window, sinks, dilation = inputs
+    ctx.save_for_backward(q, k, v, kv_mask)
+    ctx.args = (scale, causal, window, sinks, dilation)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, kv_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnopt.sliding_window_attention_backward(
+        grad_out, q, k, v, kv_mask, *ctx.args
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+sliding_window_attention.register_autograd(_backward, setup_context=_setup_context)
