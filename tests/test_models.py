@@ -21,7 +21,15 @@ import attnopt
 from attnopt.capture import example_inputs_for
 from attnopt.zoo import tiny_model
 
-MODELS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2", "tiny-bert", "tiny-vit", "tiny-t5"]
+MODELS = [
+    "tiny-llama",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-gpt2",
+    "tiny-bert",
+    "tiny-vit",
+    "tiny-t5",
+]
 IMPLS = ["sdpa", "eager"]
 CASES = [pytest.param(m, i, id=f"{m}-{i}") for m in MODELS for i in IMPLS]
 TEXT_CASES = [c for c in CASES if not c.values[0].startswith("tiny-vit")]
