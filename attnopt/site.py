@@ -56,7 +56,7 @@ class AttentionSite:
         scale: multiplier of q·kᵀ; ``None`` when it is computed at run time.
         mask: :class:`MaskKind`.
         cross: queries and keys come from different sequences.
-        dropout: attention dropout probability recorded in the graph.
+        dropout: attention dropout probability in effect in the captured (eval) graph.
     """
 
     name: str

@@ -87,7 +87,7 @@ class Net(nn.Module):
         self.attn = Attn(spell, kv_heads)
 
     def forward(self, x, mask=None):
-        return self.attn(x, mask) if mask is not None else self.attn(x)
+        return self.attn(x, mask)
 
 
 # -- positive spellings: spell(m, x, mask) -> [B, N, H*D] -----------------------------------

@@ -181,7 +181,9 @@ def _walk_probs(softmax: fx.Node):
         if is_call(user, CAST_OPS):
             node = user
         elif is_call(user, DROPOUT_OPS):
-            dropout = float(user.args[1]) if len(user.args) > 1 else 0.0
+            # Effective probability: dropout(p, train=False) does nothing.
+            train = user.args[2] if len(user.args) > 2 else user.kwargs.get("train", True)
+            dropout = float(user.args[1]) if train and len(user.args) > 1 else 0.0
             if user.target is aten.native_dropout.default:
                 outs = [u for u in real_users(user) if u.args[1] == 0]
                 if len(outs) != 1 or len(real_users(user)) != 1:
@@ -357,10 +359,7 @@ def _resolve_kv(plan: SitePlan) -> None:
 
 
 def _operand(x: Any, operands: tuple, device) -> Any:
-    if isinstance(x, tuple) and len(x) == 2 and x[0] == "ref":
-        t = operands[x[1]]
-    else:
-        t = x
+    t = operands[x[1]] if isinstance(x, tuple) and len(x) == 2 and x[0] == "ref" else x
     if isinstance(t, torch.Tensor):
         return t if t.dtype == torch.bool else t.to(torch.float32)
     return t
