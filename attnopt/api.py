@@ -117,6 +117,7 @@ class OptimizedModule(nn.Module):
         results: list[SiteResult],
         report: OptimizationReport,
         call_defaults: dict[str, Any],
+        site_modules: nn.ModuleDict,
     ) -> None:
         super().__init__()
         self._orig_mod = model
@@ -126,6 +127,7 @@ class OptimizedModule(nn.Module):
         self._graphs: list[tuple[Any, torch.fx.GraphModule]] = [
             (captured.signature, captured.module)
         ]
+        self.attnopt_params = site_modules
         self._lock = threading.Lock()
         self.report = report
         self._assignment = {r.name: r.config for r in results}
@@ -169,7 +171,7 @@ class OptimizedModule(nn.Module):
             captured = capture(self._orig_mod, Call(args, kwargs))
             sites = _sites_of(captured)
             assignment = {s.name: self._assignment.get(s.name) for s in sites}
-            rewrite_attention(captured.module, sites, assignment)
+            rewrite_attention(captured.module, sites, assignment, site_modules=self.attnopt_params)
             self._graphs.insert(0, (captured.signature, captured.module))
             del self._graphs[_MAX_GRAPHS:]
             return captured.module
@@ -237,9 +239,12 @@ def optimize(
             f"computes attention in its forward for these inputs"
         )
     assignment, reasons = _assign(sites, config, layers)
-    results = rewrite_attention(captured.module, sites, assignment, reasons)
+    site_modules = nn.ModuleDict()
+    results = rewrite_attention(captured.module, sites, assignment, reasons, site_modules)
     report = OptimizationReport(results)
-    optimized = OptimizedModule(model, config, layers, captured, results, report, call_defaults)
+    optimized = OptimizedModule(
+        model, config, layers, captured, results, report, call_defaults, site_modules
+    )
     if measure:
         with eval_mode(model), torch.no_grad():
             reference = model(*captured.args, **captured.kwargs)

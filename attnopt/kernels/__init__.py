@@ -33,7 +33,22 @@ if TYPE_CHECKING:
     from attnopt.config import AttentionConfig
     from attnopt.site import AttentionSite
 
-__all__ = ["OpCall", "Variant", "get_variant", "register_variant", "registered_variants"]
+__all__ = [
+    "OpCall",
+    "ParamRef",
+    "Variant",
+    "get_variant",
+    "register_variant",
+    "registered_variants",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRef:
+    """Stands in :attr:`OpCall.extra_args` for a tensor of the site's parameter module
+    (``name`` as in ``module.named_parameters()`` / ``named_buffers()``)."""
+
+    name: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +57,8 @@ class OpCall:
 
     ``op`` is called as ``op(q, k, v, kv_mask, bias, *extra_args)``; the rewrite
     supplies the first five from the site, the variant the rest (scale, causal,
-    its own parameters, in the op's order).
+    its own settings, in the op's order). A :class:`ParamRef` in ``extra_args``
+    becomes the named tensor of the site's parameter module.
     """
 
     op: OpOverload
@@ -62,12 +78,18 @@ class Variant:
     causal flag plus ``kv_mask`` with ``bias=None``; other sites reach it with the
     whole additive ``bias`` and ``kv_mask=None``, which only variants with
     ``accepts_bias=True`` may take (``supports`` must refuse the rest).
+
+    ``parameters(config, site)``, when given, returns a new ``nn.Module`` holding
+    the site's trainable tensors (feature maps, gates); the optimized model owns it
+    (so it trains, moves and saves with the model) and ``build`` refers to its
+    tensors with :class:`ParamRef`.
     """
 
     config_type: type
     supports: Callable[[AttentionConfig, AttentionSite], str | None]
     build: Callable[[AttentionConfig, AttentionSite], OpCall]
     accepts_bias: bool = False
+    parameters: Callable[[AttentionConfig, AttentionSite], Any] | None = None
 
 
 _VARIANTS: dict[type, Variant] = {}

@@ -149,6 +149,12 @@ def fake_run(fn, *args: Any) -> Any:
         return fn(*vals)
 
 
+def fake_tensor(tensor: torch.Tensor, like: fx.Node) -> Any:
+    """``tensor`` as a fake tensor of the mode that owns ``like``'s value."""
+    mode = detect_fake_mode([val(like)])
+    return mode.from_tensor(tensor, static_shapes=True) if mode is not None else tensor
+
+
 def module_path(node: fx.Node) -> tuple[str, str]:
     """(path, qualified type name) of the innermost module that produced ``node``."""
     stack = node.meta.get("nn_module_stack") or {}

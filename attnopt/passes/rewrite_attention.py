@@ -19,8 +19,8 @@ import torch
 from torch import fx
 
 from attnopt.config import AttentionConfig
-from attnopt.kernels import get_variant
-from attnopt.passes._graph import fake_run, remove_dead, val
+from attnopt.kernels import ParamRef, get_variant
+from attnopt.passes._graph import fake_run, fake_tensor, remove_dead, val
 from attnopt.passes.find_attention import SitePlan, last_row_keep, replay_bias
 from attnopt.site import AttentionSite
 
@@ -31,6 +31,7 @@ __all__ = [
     "rewrite_attention",
     "site_bias",
     "site_kv_mask",
+    "site_module_key",
 ]
 
 
@@ -160,7 +161,41 @@ def _generic_reason(site: AttentionSite, plan: SitePlan) -> str | None:
     return None
 
 
-def _apply(gm: fx.GraphModule, site: AttentionSite, config: AttentionConfig) -> str | None:
+def site_module_key(name: str) -> str:
+    """Key of a site's parameter module (module names may not contain dots)."""
+    return name.replace(".", "__")
+
+
+def _param_nodes(gm, graph, variant, config, site, extra_args, site_modules, like) -> tuple:
+    if not any(isinstance(a, ParamRef) for a in extra_args):
+        return tuple(extra_args)
+    key = site_module_key(site.name)
+    if key not in site_modules:
+        site_modules[key] = variant.parameters(config, site)
+    module = site_modules[key]
+    attr = f"attnopt_site_{key}"
+    if not hasattr(gm, attr):
+        gm.add_submodule(attr, module)
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    out = []
+    for a in extra_args:
+        if isinstance(a, ParamRef):
+            if a.name not in tensors:
+                raise KeyError(f"{type(config).__name__} refers to unknown parameter {a.name!r}")
+            node = graph.get_attr(f"{attr}.{a.name}")
+            node.meta["val"] = fake_tensor(tensors[a.name], like)
+            out.append(node)
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def _apply(
+    gm: fx.GraphModule,
+    site: AttentionSite,
+    config: AttentionConfig,
+    site_modules: dict,
+) -> str | None:
     plan: SitePlan = site.plan
     variant = get_variant(config)
     reason = _generic_reason(site, plan) or variant.supports(config, site)
@@ -195,7 +230,10 @@ def _apply(gm: fx.GraphModule, site: AttentionSite, config: AttentionConfig) -> 
             )
         # Variants read the folded scale from the site: dynamic factors are already in q.
         call = variant.build(config, dataclasses.replace(site, scale=plan.scale))
-        out = _insert(graph, call.op, (q, k, v, kv_mask, bias, *call.extra_args), anchor)
+        extra = _param_nodes(
+            gm, graph, variant, config, site, call.extra_args, site_modules, plan.query
+        )
+        out = _insert(graph, call.op, (q, k, v, kv_mask, bias, *extra), anchor)
         dtype = val(anchor).dtype
         result = _insert(
             graph, restore_layout, (out, plan.query, key, value, *layout, dtype), anchor
@@ -210,11 +248,16 @@ def rewrite_attention(
     sites: list[AttentionSite],
     assignment: dict[str, AttentionConfig | None],
     reasons: dict[str, str] | None = None,
+    site_modules: dict | None = None,
 ) -> list[SiteResult]:
     """Rewrite ``gm`` in place: each site named in ``assignment`` gets its config.
 
-    ``reasons`` gives the reason reported for sites with no config.
+    ``reasons`` gives the reason reported for sites with no config. ``site_modules``
+    (e.g. an ``nn.ModuleDict``) holds the variants' per-site parameter modules by
+    :func:`site_module_key`: existing ones are reused, new ones are added to it.
     """
+    if site_modules is None:
+        site_modules = {}
     results = []
     for site in sites:
         config = assignment.get(site.name)
@@ -222,7 +265,7 @@ def rewrite_attention(
             why = (reasons or {}).get(site.name, "no config for this site")
             results.append(SiteResult(site, None, False, why))
             continue
-        reason = _apply(gm, site, config)
+        reason = _apply(gm, site, config, site_modules)
         results.append(SiteResult(site, config, reason is None, reason or ""))
     gm.graph.lint()
     gm.recompile()
