@@ -19,6 +19,7 @@ from attnopt.capture import (
     capture,
     eval_mode,
     example_inputs_for,
+    grid_from_config,
     is_hf_model,
 )
 from attnopt.config import AttentionConfig, Policy, check_policy, resolve_policy
@@ -35,9 +36,13 @@ LayerSelector = Union[str, "re.Pattern[str]", Sequence[str], Callable[[Attention
 _MAX_GRAPHS = 8
 
 
-def _sites_of(captured: Captured) -> list[AttentionSite]:
+def _sites_of(captured: Captured, model: nn.Module) -> list[AttentionSite]:
     canonicalize_attention(captured.module)
-    return find_attention_sites(captured.module, captured.args, captured.kwargs)
+    sites = find_attention_sites(captured.module, captured.args, captured.kwargs)
+    grid = grid_from_config(model)
+    for site in sites:
+        site.grid = grid
+    return sites
 
 
 def find_attention(model: nn.Module, example_inputs: Any = None) -> list[AttentionSite]:
@@ -54,7 +59,7 @@ def find_attention(model: nn.Module, example_inputs: Any = None) -> list[Attenti
         >>> [s.name for s in attnopt.find_attention(model)]
         ['model.layers.0.self_attn', 'model.layers.1.self_attn']
     """
-    return _sites_of(capture(model, example_inputs))
+    return _sites_of(capture(model, example_inputs), model)
 
 
 def _selected(site: AttentionSite, layers: LayerSelector) -> bool:
@@ -169,7 +174,7 @@ class OptimizedModule(nn.Module):
                 stacklevel=3,
             )
             captured = capture(self._orig_mod, Call(args, kwargs))
-            sites = _sites_of(captured)
+            sites = _sites_of(captured, self._orig_mod)
             assignment = {s.name: self._assignment.get(s.name) for s in sites}
             rewrite_attention(captured.module, sites, assignment, site_modules=self.attnopt_params)
             self._graphs.insert(0, (captured.signature, captured.module))
@@ -231,7 +236,7 @@ def optimize(
         if isinstance(example_inputs, dict):
             example_inputs = {**example_inputs, "use_cache": False}
     captured = capture(model, example_inputs)
-    sites = _sites_of(captured)
+    sites = _sites_of(captured, model)
     if not sites:
         raise ValueError(
             f"no attention found in {type(model).__name__}: attnopt looks for "

@@ -33,6 +33,7 @@ __all__ = [
     "bind_inputs",
     "capture",
     "example_inputs_for",
+    "grid_from_config",
     "is_hf_model",
 ]
 
@@ -112,6 +113,28 @@ def example_inputs_for(
     if "use_cache" in params:
         inputs["use_cache"] = False
     return inputs
+
+
+def grid_from_config(model: nn.Module) -> tuple[int, ...] | None:
+    """The patch grid of a vision/video transformers model, from its config.
+
+    ``(image_size / patch_size)`` per side for images; video configs with
+    ``num_frames`` and ``tubelet_size`` add a leading time axis.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    config = getattr(config, "vision_config", None) or config
+    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if not image or not patch:
+        return None
+    image = tuple(image) if isinstance(image, (list, tuple)) else (image, image)
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+    grid = tuple(i // p for i, p in zip(image, patch))
+    frames, tubelet = getattr(config, "num_frames", None), getattr(config, "tubelet_size", None)
+    if frames and tubelet:
+        grid = (frames // (tubelet[0] if isinstance(tubelet, (list, tuple)) else tubelet), *grid)
+    return grid
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -57,6 +57,9 @@ class AttentionSite:
         mask: :class:`MaskKind`.
         cross: queries and keys come from different sequences.
         dropout: attention dropout probability in effect in the captured (eval) graph.
+        grid: token grid ``(H, W)`` or ``(T, H, W)`` the sequence lays out, when known
+            (from the model config, e.g. image and patch size); tokens beyond the grid
+            (CLS, registers) come first in the sequence.
     """
 
     name: str
@@ -70,6 +73,7 @@ class AttentionSite:
     mask: MaskKind
     cross: bool = False
     dropout: float = 0.0
+    grid: tuple[int, ...] | None = None
     # How to rewrite the site in the graph it was found in (attnopt.passes.find_attention.SitePlan).
     plan: Any = dataclasses.field(default=None, repr=False, compare=False)
 
