@@ -12,6 +12,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from attnopt._compat import pytree
 from attnopt.capture import (
     Call,
     Captured,
@@ -22,7 +23,7 @@ from attnopt.capture import (
     grid_from_config,
     is_hf_model,
 )
-from attnopt.config import AttentionConfig, Policy, check_policy, resolve_policy
+from attnopt.config import AttentionConfig, Policy, check_policy, matches, resolve_policy
 from attnopt.passes.canonicalize_attention import canonicalize_attention
 from attnopt.passes.find_attention import find_attention_sites
 from attnopt.passes.rewrite_attention import SiteResult, rewrite_attention
@@ -68,9 +69,8 @@ def _selected(site: AttentionSite, layers: LayerSelector) -> bool:
     if callable(layers) and not isinstance(layers, (str, re.Pattern)):
         return bool(layers(site))
     patterns = [layers] if isinstance(layers, (str, re.Pattern)) else list(layers)
-    from attnopt.config import _matches
 
-    return any(_matches(p, site.name) for p in patterns)
+    return any(matches(p, site.name) for p in patterns)
 
 
 def _check_layers(layers: Any) -> None:
@@ -133,6 +133,7 @@ class OptimizedModule(nn.Module):
             (captured.signature, captured.module)
         ]
         self.attnopt_params = site_modules
+        self._example = (captured.args, captured.kwargs)
         self._lock = threading.Lock()
         self.report = report
         self._assignment = {r.name: r.config for r in results}
@@ -153,8 +154,9 @@ class OptimizedModule(nn.Module):
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
-        """The graph built by :func:`optimize` (for the example inputs)."""
-        return self._graphs[0][1]
+        """The rewritten graph for the example inputs given to :func:`optimize`."""
+        args, kwargs = self._example
+        return self._graph_for(args, kwargs)
 
     def _bind(self, args, kwargs):
         args, kwargs = bind_inputs(self._orig_mod, Call(args, kwargs))
@@ -186,9 +188,14 @@ class OptimizedModule(nn.Module):
         return self._graph_for(args, kwargs)(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        # Graphs bake in devices and dtypes (and hold the old buffers): rebuild lazily.
+        # Graphs bake in devices and dtypes (and hold the old buffers): rebuild lazily,
+        # from example inputs converted the same way as the parameters.
         out = super()._apply(fn, recurse)
-        self._graphs = [] if hasattr(self, "_graphs") else []
+        if "_example" in self.__dict__:
+            args, kwargs = self._example
+            convert = lambda t: fn(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+            self._example = (pytree.tree_map(convert, args), pytree.tree_map(convert, kwargs))
+            self._graphs = []
         return out
 
 

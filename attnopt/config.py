@@ -112,7 +112,7 @@ Pattern = Union[str, "re.Pattern[str]"]
 Policy = Mapping[Pattern, AttentionConfig | None]
 
 
-def _matches(pattern: Pattern, name: str) -> bool:
+def matches(pattern: Pattern, name: str) -> bool:
     if isinstance(pattern, re.Pattern):
         return pattern.search(name) is not None
     return fnmatch.fnmatchcase(name, pattern)
@@ -123,7 +123,7 @@ def resolve_policy(config: AttentionConfig | Policy, name: str) -> AttentionConf
     if isinstance(config, AttentionConfig):
         return config
     for pattern, value in config.items():
-        if _matches(pattern, name):
+        if matches(pattern, name):
             return value
     return None
 

@@ -234,3 +234,16 @@ def test_no_attention_found():
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
     with pytest.raises(ValueError, match="no attention found"):
         attnopt.optimize(model, attnopt.Dense(), (_x(),))
+
+
+def test_moving_the_module_rebuilds_its_graphs():
+    model = Stack().eval()
+    x = _x()
+    optimized = attnopt.optimize(model, attnopt.SlidingWindow(4), (x,))
+    expected = optimized(x)
+    optimized.double()
+    assert optimized.graph_module is not None  # rebuilt from the converted example inputs
+    out = optimized(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=1e-5)
+    optimized.float()
