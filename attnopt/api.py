@@ -169,12 +169,13 @@ class OptimizedModule(nn.Module):
             if signature.accepts(args, kwargs):
                 return gm
         with self._lock:
-            warnings.warn(
-                "attnopt: these inputs fall outside the graphs captured so far (other "
-                "arguments, dtype, device or a size outside the dynamic range); capturing "
-                "and rewriting again",
-                stacklevel=3,
-            )
+            if self._graphs:  # not after a move, which drops every graph on purpose
+                warnings.warn(
+                    "attnopt: these inputs fall outside the graphs captured so far (other "
+                    "arguments, dtype, device or a size outside the dynamic range); capturing "
+                    "and rewriting again",
+                    stacklevel=3,
+                )
             captured = capture(self._orig_mod, Call(args, kwargs))
             sites = _sites_of(captured, self._orig_mod)
             assignment = {s.name: self._assignment.get(s.name) for s in sites}

@@ -18,7 +18,10 @@ __all__ = ["AttentionShapes", "check_attention_inputs", "check_window_args"]
 
 @dataclasses.dataclass(frozen=True)
 class AttentionShapes:
-    """Sizes of one validated call: ``q [B, H, N, D]``, ``k [B, Hkv, M, D]``, ``v [B, Hkv, M, Dv]``."""
+    """Sizes of one validated call.
+
+    ``q [B, H, N, D]``, ``k [B, Hkv, M, D]``, ``v [B, Hkv, M, Dv]``.
+    """
 
     batch: int
     heads: int
@@ -57,9 +60,7 @@ def check_attention_inputs(
             raise ValueError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             layout = {"q": "[B, H, N, D]", "k": "[B, Hkv, M, D]", "v": "[B, Hkv, M, Dv]"}[name]
-            raise ValueError(
-                f"{caller}: {name} must be 4-D {layout}, got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{caller}: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise ValueError(
                 f"{caller}: {name} must be a floating-point tensor, got dtype {t.dtype}"
@@ -88,8 +89,7 @@ def check_attention_inputs(
         )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
-            f"{caller}: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, "
-            f"v {v.dtype}"
+            f"{caller}: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
         )
     if k.device != q.device or v.device != q.device:
         raise ValueError(
@@ -123,9 +123,7 @@ def check_attention_inputs(
                 f"got shape {tuple(bias.shape)}"
             )
         if bias.device != q.device:
-            raise ValueError(
-                f"{caller}: bias must be on q's device {q.device}, got {bias.device}"
-            )
+            raise ValueError(f"{caller}: bias must be on q's device {q.device}, got {bias.device}")
     return AttentionShapes(B, H, Hkv, N, M, D, Dv)
 
 

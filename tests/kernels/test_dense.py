@@ -151,6 +151,18 @@ def test_gradcheck_op(bias_shape):
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
 
 
+def test_opcheck():
+    """Schema, fake tensor, autograd registration of the op and its backward agree."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 5, 8, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 7, 8, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 7, 4, generator=gen, requires_grad=True)
+    bias = torch.randn(4, 1, 7, generator=gen, requires_grad=True)
+    kv_mask = torch.rand(1, 1, 7, generator=gen) > 0.2
+    torch.library.opcheck(OP, (q, k, v, kv_mask, bias, 0.35, True))
+    torch.library.opcheck(OP, (q, k, v, None, None, 0.35, False))
+
+
 def test_grads_without_bias_grad():
     gen = torch.Generator().manual_seed(4)
     q, k, v = (

@@ -107,7 +107,8 @@ def problems(draw, dtype=torch.float32, max_len=300):
         causal=draw(st.booleans()),
         mask=draw(st.sampled_from([None, "batch", "head", "keys", "empty"])),
         block_size=draw(st.sampled_from([1, 7, 16, 64])),
-        max_scores=draw(st.sampled_from([1 << 21, 5000])),
+        max_scores=draw(st.sampled_from([None, 20000])),
+        layout=draw(st.sampled_from(["bhnd", "bnhd"])),
         seed=draw(st.integers(0, 2**31 - 1)),
         dtype=dtype,
     )
@@ -118,9 +119,15 @@ def make_inputs(case):
     gen = torch.Generator().manual_seed(case["seed"])
     b, h, hkv, n, m = (case[x] for x in ("batch", "heads", "kv_heads", "n", "m"))
     dtype = case["dtype"]
-    q = torch.randn(b, h, n, case["head_dim"], generator=gen).to(dtype)
-    k = torch.randn(b, hkv, m, case["head_dim"], generator=gen).to(dtype)
-    v = torch.randn(b, hkv, m, case["value_dim"], generator=gen).to(dtype)
+
+    def randn(heads, length, dim):
+        if case["layout"] == "bnhd":  # [B, N, H, D] storage seen through a transpose
+            return torch.randn(b, length, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(b, heads, length, dim, generator=gen).to(dtype)
+
+    q = randn(h, n, case["head_dim"])
+    k = randn(hkv, m, case["head_dim"])
+    v = randn(hkv, m, case["value_dim"])
     kind = case["mask"]
     kv_mask = None
     if kind is not None:
@@ -242,6 +249,44 @@ def test_gradcheck_op(causal, window, sinks, dilation):
         return OP(q, k, v, kv_mask, None, 0.6, causal, window, sinks, dilation)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_opcheck():
+    """Schema, fake tensor, autograd registration of the op and its backward agree."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 9, 8, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 11, 8, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 11, 4, generator=gen, requires_grad=True)
+    kv_mask = torch.rand(1, 1, 11, generator=gen) > 0.2
+    torch.library.opcheck(OP, (q, k, v, kv_mask, None, 0.35, True, 3, 1, 2))
+    torch.library.opcheck(OP, (q, k, v, None, None, 0.35, False, 4, 0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_grads(dtype):
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 90, 16, generator=gen).to(dtype)
+    k = torch.randn(1, 2, 90, 16, generator=gen).to(dtype)
+    v = torch.randn(1, 2, 90, 8, generator=gen).to(dtype)
+    grad = torch.randn(1, 4, 90, 8, generator=gen).to(dtype)
+    kv_mask = torch.rand(1, 1, 90, generator=gen) > 0.2
+
+    def grads(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        torch.autograd.backward(fn(*inputs), grad.to(dtype))
+        return [t.grad for t in inputs]
+
+    want = grads(
+        lambda q, k, v: sliding_window_attention_reference(
+            q, k, v, kv_mask, window=9, sinks=2, causal=True
+        ),
+        torch.float64,
+    )
+    got = grads(lambda q, k, v: OP(q, k, v, kv_mask, None, 0.25, True, 9, 2, 1), dtype)
+    atol, rtol = TOLERANCE[dtype]
+    for label, a, b in zip("qkv", got, want, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=f"d{label}")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

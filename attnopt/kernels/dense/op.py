@@ -25,7 +25,8 @@ def dense_attention(
     scale: float,
     causal: bool,
 ) -> torch.Tensor:
-    """Exact softmax attention; see :func:`~attnopt.kernels.dense.reference.dense_attention_reference`.
+    """Exact softmax attention, as
+    :func:`~attnopt.kernels.dense.reference.dense_attention_reference`.
 
     Shapes: ``q [B, H, N, D]``, ``k [B, Hkv, M, D]``, ``v [B, Hkv, M, Dv]``,
     ``kv_mask`` bool broadcastable to ``[B, H, M]``, ``bias`` float broadcastable to

@@ -60,7 +60,8 @@ def masked_attention(
         scores = scores.masked_fill(~visible, float("-inf"))
     # Subtract the row max for stability; a row that is all -inf has max -inf, which
     # would give NaN, so it subtracts 0 instead and its weights stay exactly 0.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    # (amax needs a non-empty dim: with no keys at all, every row is empty.)
+    row_max = scores.amax(-1, keepdim=True).detach() if M else scores.new_zeros(B, H, N, 1)
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - row_max)  # [B, H, N, M]
     denom = weights.sum(dim=-1, keepdim=True)

@@ -89,6 +89,4 @@ def _build(config: AttentionConfig, site: AttentionSite) -> OpCall:
     )
 
 
-register_variant(
-    Variant(SlidingWindow, supports=_supports, build=_build, accepts_bias=False)
-)
+register_variant(Variant(SlidingWindow, supports=_supports, build=_build, accepts_bias=False))

@@ -1,15 +1,15 @@
 """``attnopt::sliding_window_attention``: the sliding-window variant as one graph node.
 
 The forward runs the blockwise CPU kernel. The backward is its own op
-(``sliding_window_attention_backward``) that reruns the blockwise forward under
-``torch.func.vjp`` and differentiates it, so nothing but the inputs is kept between
-forward and backward, and the backward's memory stays O(N·window).
+(``sliding_window_attention_backward``, the blockwise backward), so a traced
+backward is one node too; only the inputs are kept between forward and backward,
+and the backward recomputes the attention weights group by group.
 """
 
 import torch
 
 from attnopt.kernels._checks import check_attention_inputs, check_window_args
-from attnopt.kernels.sliding_window.blockwise import _blockwise
+from attnopt.kernels.sliding_window.blockwise import sliding_window_backward, sliding_window_forward
 
 __all__ = ["sliding_window_attention", "sliding_window_attention_backward"]
 
@@ -47,17 +47,8 @@ def sliding_window_attention(
     Returns ``[B, H, N, Dv]`` in ``q.dtype``.
     """
     _check(q, k, v, kv_mask, bias, window, sinks, dilation)
-    return _blockwise(
-        q,
-        k,
-        v,
-        kv_mask,
-        window=window,
-        sinks=sinks,
-        dilation=dilation,
-        scale=scale,
-        causal=causal,
-        differentiable=False,
+    return sliding_window_forward(
+        q, k, v, kv_mask, window=window, sinks=sinks, dilation=dilation, scale=scale, causal=causal
     )
 
 
@@ -81,26 +72,19 @@ def sliding_window_attention_backward(
     dilation: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`sliding_window_attention` for ``q``, ``k`` and ``v``."""
-
-    def forward(q_, k_, v_):
-        return _blockwise(
-            q_,
-            k_,
-            v_,
-            kv_mask,
-            window=window,
-            sinks=sinks,
-            dilation=dilation,
-            scale=scale,
-            causal=causal,
-            differentiable=True,
-        )
-
-    # Custom-op bodies run below the autograd dispatch key, so plain autograd would
-    # record nothing here; torch.func.vjp differentiates through its own transform.
-    _, vjp = torch.func.vjp(forward, q, k, v)
-    dq, dk, dv = vjp(grad_out)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    dq, dk, dv = sliding_window_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        kv_mask,
+        window=window,
+        sinks=sinks,
+        dilation=dilation,
+        scale=scale,
+        causal=causal,
+    )
+    return dq, dk.contiguous(), dv.contiguous()
 
 
 @sliding_window_attention_backward.register_fake
