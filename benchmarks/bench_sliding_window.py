@@ -35,6 +35,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+# Measure the checkout this script lives in, not whichever attnopt is installed.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
 
 IMPLS = ("sdpa", "sliding_window")
 
@@ -60,7 +65,9 @@ def _child(impl: str, n: int, args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import attnopt.kernels.sliding_window  # noqa: F401  (registers the op)
+    import attnopt.kernels.sliding_window  # registers the op
+
+    assert Path(attnopt.kernels.sliding_window.__file__).is_relative_to(_ROOT)
 
     scale = 1.0 / math.sqrt(args.head_dim)
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import attnopt
+from attnopt.capture import capture
 from attnopt.config import AttentionConfig
 from attnopt.kernels import OpCall, ParamRef, Variant, register_variant
-from attnopt.capture import capture
 from attnopt.passes.canonicalize_attention import canonicalize_attention
 from attnopt.passes.find_attention import find_attention_sites
 from attnopt.zoo import tiny_model

@@ -27,8 +27,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-
     from attnopt._compat import OpOverload
     from attnopt.config import AttentionConfig
     from attnopt.site import AttentionSite

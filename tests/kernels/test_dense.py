@@ -111,14 +111,14 @@ def check_case(case):
             assert (out[:, :, 0] == 0).all(), f"{name}: a row masked by the bias must be 0"
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(problems())
 def test_fp32_matches_naive(case):
     check_case(case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_half_precision_matches_naive(dtype, data):
     check_case(data.draw(problems(dtype=dtype, max_len=130)))
