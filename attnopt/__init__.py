@@ -10,7 +10,12 @@ from attnopt import zoo
 from attnopt.api import OptimizedModule, find_attention, optimize
 from attnopt.capture import CaptureError
 from attnopt.config import AttentionConfig, config_from_dict
+from attnopt.kernels.agent import Agent
+from attnopt.kernels.block_sparse import BlockSparse
 from attnopt.kernels.dense import Dense
+from attnopt.kernels.hybrid import Hybrid
+from attnopt.kernels.linear import Linear
+from attnopt.kernels.neighborhood import Neighborhood
 from attnopt.kernels.sliding_window import SlidingWindow
 from attnopt.report import OptimizationReport, OutputError
 from attnopt.site import AttentionSite, MaskKind
@@ -18,11 +23,16 @@ from attnopt.site import AttentionSite, MaskKind
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
     "AttentionConfig",
     "AttentionSite",
+    "BlockSparse",
     "CaptureError",
     "Dense",
+    "Hybrid",
+    "Linear",
     "MaskKind",
+    "Neighborhood",
     "OptimizationReport",
     "OptimizedModule",
     "OutputError",

@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import attnopt  # noqa: E402
 from train_tiny_lm import CONTEXT, heldout_batches, load_corpus, perplexity  # noqa: E402
+
+import attnopt  # noqa: E402
 
 
 def _variant(module: str, name: str, **kwargs):
