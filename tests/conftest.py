@@ -7,6 +7,11 @@ import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels are checked through Triton's interpreter on CPU tensors;
+# Triton reads this when it is imported, so it is set before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import settings
 
 settings.register_profile("ci", deadline=None, print_blob=True)
