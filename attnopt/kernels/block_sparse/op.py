@@ -5,11 +5,20 @@ over them. The backward is its own op (``block_sparse_attention_backward``): onl
 inputs are kept between forward and backward; it selects the same blocks again (the
 selection is a deterministic function of q, k and the mask, and a constant of the
 gradient) and recomputes each chunk's weights.
+
+On CUDA tensors, when Triton is installed, both ops run Triton kernels
+(:mod:`~attnopt.kernels.block_sparse.triton_block_sparse`, the dynamic selection by
+:mod:`~attnopt.kernels.block_sparse.triton_selection`); the contract is the same: the
+backward selects again with the same (deterministic) kernels and, since only the
+inputs are kept, runs the forward once more for the output and logsumexp it needs.
+Shapes the kernels do not take (head dims above 256, float64) stay on the PyTorch path
+on CUDA too. CPU tensors always take the PyTorch path.
 """
 
 import torch
 
 from attnopt.kernels._checks import check_attention_inputs
+from attnopt.kernels._triton import triton_available
 from attnopt.kernels.block_sparse.gather import block_sparse_backward, block_sparse_forward
 from attnopt.kernels.block_sparse.selection import check_block_sparse_args, select_blocks
 
@@ -157,3 +166,105 @@ def _backward(ctx, grad_out):
 
 
 block_sparse_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- CUDA: Triton kernels ------------------------------------------------------------------------
+
+
+def _triton_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Triton kernels handle these inputs (else the PyTorch path runs on CUDA too)."""
+    return (
+        q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.shape[-1] <= 256
+        and v.shape[-1] <= 256
+    )
+
+
+def _select_triton(
+    q, k, kv_mask, scale, causal, block, topk, threshold, local_blocks, sink_blocks, pattern
+):
+    # Imported here: importing attnopt must neither need nor load Triton.
+    from attnopt.kernels.block_sparse.triton_selection import select_blocks_triton
+
+    return select_blocks_triton(
+        q,
+        k,
+        kv_mask,
+        block=block,
+        causal=causal,
+        scale=scale,
+        pattern=pattern,
+        topk=topk,
+        threshold=threshold,
+        local_blocks=local_blocks,
+        sink_blocks=sink_blocks,
+    )
+
+
+def _block_sparse_attention_triton(
+    q,
+    k,
+    v,
+    kv_mask,
+    bias,
+    scale,
+    causal,
+    block,
+    topk,
+    threshold,
+    local_blocks,
+    sink_blocks,
+    pattern,
+):
+    """The CUDA kernel of ``attnopt::block_sparse_attention`` (any device Triton runs on)."""
+    from attnopt.kernels.block_sparse.triton_block_sparse import block_sparse_forward_triton
+
+    args = (block, topk, threshold, local_blocks, sink_blocks, pattern)
+    _check(q, k, v, kv_mask, bias, *args)
+    if not _triton_takes(q, v):
+        selection = _select(q, k, kv_mask, scale, causal, *args)
+        return block_sparse_forward(
+            q, k, v, kv_mask, selection, block=block, scale=scale, causal=causal
+        )
+    selection = _select_triton(q, k, kv_mask, scale, causal, *args)
+    out, _ = block_sparse_forward_triton(
+        q, k, v, kv_mask, selection, block=block, scale=scale, causal=causal
+    )
+    return out
+
+
+def _block_sparse_attention_backward_triton(
+    grad_out,
+    q,
+    k,
+    v,
+    kv_mask,
+    scale,
+    causal,
+    block,
+    topk,
+    threshold,
+    local_blocks,
+    sink_blocks,
+    pattern,
+):
+    """The CUDA kernel of ``attnopt::block_sparse_attention_backward``."""
+    from attnopt.kernels.block_sparse.triton_block_sparse import block_sparse_backward_triton
+
+    args = (block, topk, threshold, local_blocks, sink_blocks, pattern)
+    if not _triton_takes(q, v):
+        selection = _select(q, k, kv_mask, scale, causal, *args)
+        dq, dk, dv = block_sparse_backward(
+            grad_out, q, k, v, kv_mask, selection, block=block, scale=scale, causal=causal
+        )
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    # The same kernels as the forward on the same inputs: the same selection.
+    selection = _select_triton(q, k, kv_mask, scale, causal, *args)
+    return block_sparse_backward_triton(
+        grad_out, q, k, v, kv_mask, selection, block=block, scale=scale, causal=causal
+    )
+
+
+if triton_available():
+    block_sparse_attention.register_kernel("cuda")(_block_sparse_attention_triton)
+    block_sparse_attention_backward.register_kernel("cuda")(_block_sparse_attention_backward_triton)
