@@ -5,11 +5,17 @@ The forward runs the chunked CPU kernel. The backward is its own op
 ``torch.func.vjp`` group by group, so a traced backward is one node too and the
 feature-map tensors (hedgehog's weights) get gradients for distillation. Only the
 inputs are kept between forward and backward.
+
+On CUDA tensors both ops run the Triton kernels (``triton_linear``) when Triton is
+installed; Triton is imported on the first CUDA call, not with attnopt. CUDA calls the
+kernels cannot take (feature or value dim above ``MAX_TRITON_DIM``), and tensors on any
+other device, keep the PyTorch path.
 """
 
 import torch
 
 from attnopt.kernels._checks import check_attention_inputs
+from attnopt.kernels._triton import triton_available
 from attnopt.kernels.linear.chunked import linear_forward
 from attnopt.kernels.linear.feature_maps import check_feature_tensors
 from attnopt.kernels.linear.reference import check_linear_args
@@ -94,31 +100,11 @@ def _linear_attention_fake(
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
-@torch.library.custom_op("attnopt::linear_attention_backward", mutates_args=())
-def linear_attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_mask: torch.Tensor | None,
-    scale: float,
-    causal: bool,
-    feature_map: str,
-    chunk: int,
-    decay: list[float] | None,
-    eps: float,
-    q_weight: torch.Tensor | None,
-    q_bias: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    k_bias: torch.Tensor | None,
-    tensor_grads: bool,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    """Gradients of :func:`linear_attention` for ``q, k, v`` and the four feature-map
-    tensors; a feature-map gradient is an empty tensor when ``tensor_grads`` is False
-    or the tensor is None."""
-    tensors = (q_weight, q_bias, k_weight, k_bias)
+def _backward_pytorch(
+    grad_out, q, k, v, kv_mask, scale, causal, feature_map, chunk, decay, eps, tensors,
+    tensor_grads,
+):  # fmt: skip
+    """The backward through the chunked PyTorch kernel (any device)."""
     present = [i for i, t in enumerate(tensors) if t is not None] if tensor_grads else []
 
     def forward(q_, k_, v_, *ts):
@@ -149,6 +135,36 @@ def linear_attention_backward(
     for i, g in zip(present, grads[3:], strict=True):
         out[i] = g.contiguous()
     return dq, dk, dv, *out
+
+
+@torch.library.custom_op("attnopt::linear_attention_backward", mutates_args=())
+def linear_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    feature_map: str,
+    chunk: int,
+    decay: list[float] | None,
+    eps: float,
+    q_weight: torch.Tensor | None,
+    q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    tensor_grads: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """Gradients of :func:`linear_attention` for ``q, k, v`` and the four feature-map
+    tensors; a feature-map gradient is an empty tensor when ``tensor_grads`` is False
+    or the tensor is None."""
+    return _backward_pytorch(
+        grad_out, q, k, v, kv_mask, scale, causal, feature_map, chunk, decay, eps,
+        (q_weight, q_bias, k_weight, k_bias), tensor_grads,
+    )  # fmt: skip
 
 
 @linear_attention_backward.register_fake
@@ -197,3 +213,44 @@ def _backward(ctx, grad_out):
 
 
 linear_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- CUDA: the Triton kernels ------------------------------------------------------------------
+
+if triton_available():
+
+    @linear_attention.register_kernel("cuda")
+    def _linear_attention_cuda(
+        q, k, v, kv_mask, bias, scale, causal, feature_map, chunk, decay, eps, qw, qb, kw, kb
+    ):
+        from attnopt.kernels.linear import triton_linear
+
+        tensors = (qw, qb, kw, kb)
+        _check(q, k, v, kv_mask, bias, causal, feature_map, chunk, decay, eps, tensors)
+        kw_args = dict(
+            scale=scale, causal=causal, feature_map=feature_map, chunk=chunk, decay=decay,
+            eps=eps, tensors=tensors,
+        )  # fmt: skip
+        with torch.no_grad():
+            if triton_linear.triton_supports(q, v, feature_map, tensors) is not None:
+                return linear_forward(q, k, v, kv_mask, **kw_args)
+            return triton_linear.linear_forward_triton(q, k, v, kv_mask, **kw_args)
+
+    @linear_attention_backward.register_kernel("cuda")
+    def _linear_attention_backward_cuda(
+        grad_out, q, k, v, kv_mask, scale, causal, feature_map, chunk, decay, eps,
+        qw, qb, kw, kb, tensor_grads,
+    ):  # fmt: skip
+        from attnopt.kernels.linear import triton_linear
+
+        tensors = (qw, qb, kw, kb)
+        if triton_linear.triton_supports(q, v, feature_map, tensors) is not None:
+            return _backward_pytorch(
+                grad_out, q, k, v, kv_mask, scale, causal, feature_map, chunk, decay, eps,
+                tensors, tensor_grads,
+            )  # fmt: skip
+        return triton_linear.linear_backward_triton(
+            grad_out.contiguous(), q, k, v, kv_mask, scale=scale, causal=causal,
+            feature_map=feature_map, chunk=chunk, decay=decay, eps=eps, tensors=tensors,
+            tensor_grads=tensor_grads,
+        )  # fmt: skip

@@ -8,11 +8,17 @@ backward recomputes the attention weights group by group.
 The grid and the per-axis parameters are int/bool lists; the number of extra
 tokens (``E = N - prod(grid)``) is read from the inputs at run time, so one graph
 serves any number of leading CLS/register tokens.
+
+On CUDA tensors the forward runs the Triton kernel (``triton_neighborhood``) when Triton
+is installed (imported on the first CUDA call, not with attnopt); head dims above its
+``MAX_HEAD_DIM`` keep the tiled PyTorch forward. The backward op has no CUDA kernel of
+its own: the tiled PyTorch backward runs on every device.
 """
 
 import torch
 
 from attnopt.kernels._checks import check_attention_inputs
+from attnopt.kernels._triton import triton_available
 from attnopt.kernels.neighborhood.geometry import check_neighborhood_args
 from attnopt.kernels.neighborhood.reference import check_sequence
 from attnopt.kernels.neighborhood.tiled import neighborhood_backward, neighborhood_forward
@@ -126,3 +132,20 @@ def _backward(ctx, grad_out):
 
 
 neighborhood_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- CUDA: the Triton forward ------------------------------------------------------------------
+
+if triton_available():
+
+    @neighborhood_attention.register_kernel("cuda")
+    def _neighborhood_attention_cuda(
+        q, k, v, kv_mask, bias, scale, grid, kernel, dilation, stride, causal
+    ):
+        from attnopt.kernels.neighborhood import triton_neighborhood
+
+        _check(q, k, v, kv_mask, bias, grid, kernel, dilation, stride, causal)
+        kw = _kw(grid, kernel, dilation, stride, causal, scale)
+        if max(q.shape[-1], v.shape[-1]) > triton_neighborhood.MAX_HEAD_DIM:
+            return neighborhood_forward(q, k, v, kv_mask, **kw)
+        return triton_neighborhood.neighborhood_forward_triton(q, k, v, kv_mask, **kw)
