@@ -188,6 +188,39 @@ class OptimizedModule(nn.Module):
         args, kwargs = self._bind(args, kwargs)
         return self._graph_for(args, kwargs)(*args, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Token generation for a transformers causal LM, with attnopt attention and caches.
+
+        Takes and returns what ``transformers``' ``model.generate`` does (greedy,
+        sampling, beam search, ``max_new_tokens``, left-padded batches with
+        ``attention_mask``, ``streamer``). Each site decodes with its variant and a cache
+        sized for it (see :mod:`attnopt.generation`); the original model is not touched.
+
+        Example:
+            >>> import attnopt, torch
+            >>> model = attnopt.zoo.tiny_model("tiny-llama")
+            >>> fast = attnopt.optimize(model, attnopt.SlidingWindow(8))
+            >>> fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape
+            torch.Size([1, 7])
+        """
+        from attnopt.generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    def can_generate(self) -> bool:
+        """Whether :meth:`generate` works for this model (a transformers causal LM)."""
+        from attnopt.generation import can_generate
+
+        return can_generate(self)
+
+    def save_pretrained(self, save_directory: Any, *, tokenizer: Any = None, force: bool = False):
+        """Save as a converted checkpoint (see :func:`attnopt.checkpoint.save`): the
+        original's ``save_pretrained`` files plus the per-site configs and variant
+        tensors; ``attnopt.checkpoint.load`` gives the optimized model back."""
+        from attnopt.checkpoint import save
+
+        return save(self, save_directory, force=force, tokenizer=tokenizer)
+
     def _apply(self, fn, recurse=True):
         # Graphs bake in devices and dtypes (and hold the old buffers): rebuild lazily,
         # from example inputs converted the same way as the parameters.
