@@ -11,6 +11,10 @@ from attnopt.api import OptimizedModule, find_attention, optimize
 from attnopt.capture import CaptureError
 from attnopt.checkpoint import CheckpointError, load, save
 from attnopt.config import AttentionConfig, config_from_dict
+
+# `attnopt.distill` is the function (bound after its subpackage is imported, so a later
+# `import attnopt.distill` does not replace it); the package stays importable by name.
+from attnopt.distill import DistillReport, distill
 from attnopt.exporters.tensorrt import build_engine, preflight, run_engine
 from attnopt.kernels.agent import Agent
 from attnopt.kernels.block_sparse import BlockSparse
@@ -31,8 +35,6 @@ _LAZY = {
     "export_onnx": "attnopt.exporters.onnx",
     "ExportReport": "attnopt.exporters.onnx",
     "ExportVerificationError": "attnopt.exporters.onnx",
-    "distill": "attnopt.distill",
-    "DistillReport": "attnopt.distill",
 }
 
 

@@ -14,7 +14,8 @@ errors (unknown variant or option, bad option value). No tracebacks unless ``--v
 attnopt converted checkpoint) or a built-in tiny model name (:mod:`attnopt.zoo`).
 
 Other modules add subcommands with :func:`register_subcommand`; modules named in
-:data:`COMMAND_MODULES` are imported (when installed) before the parser is built:
+:data:`COMMAND_MODULES` have their ``add_command(subparsers)`` called when the parser is
+built (where installed):
 
 >>> from attnopt import cli
 >>> @cli.register_subcommand
@@ -44,8 +45,9 @@ __all__ = ["COMMAND_MODULES", "CLIError", "main", "register_subcommand"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# Modules that register further subcommands when imported (e.g. "attnopt.distill.cli").
-COMMAND_MODULES: list[str] = []
+# Modules whose ``add_command(subparsers)`` adds further subcommands (imported when the
+# parser is built, skipped where not installed).
+COMMAND_MODULES: list[str] = ["attnopt.distill.cli"]
 
 _REGISTRARS: list[Callable[[Any], None]] = []
 
@@ -889,9 +891,10 @@ for _registrar in (
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnopt`` parser with every registered subcommand."""
+    extra = []
     for name in COMMAND_MODULES:
         try:
-            importlib.import_module(name)
+            extra.append(importlib.import_module(name).add_command)
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
@@ -903,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show warnings and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for registrar in _REGISTRARS:
+    for registrar in [*_REGISTRARS, *extra]:
         registrar(sub)
     return parser
 
