@@ -148,6 +148,32 @@ class OptimizedModule(nn.Module):
             return getattr(orig, name)
 
     @property
+    def original(self) -> nn.Module:
+        """The wrapped original model (its parameters are the optimized model's)."""
+        return self._modules["_orig_mod"]
+
+    @property
+    def attention_config(self) -> AttentionConfig | Policy:
+        """The ``config`` given to :func:`optimize` (a config or a per-layer policy)."""
+        return self._attn_config
+
+    @property
+    def layer_selector(self) -> LayerSelector:
+        """The ``layers`` selector given to :func:`optimize` (not named ``layers``, which
+        would hide an attribute of the original model)."""
+        return self._attn_layers
+
+    @property
+    def site_configs(self) -> dict[str, AttentionConfig | None]:
+        """Site name → the config applied to it (``None``: left as it was)."""
+        return dict(self._assignment)
+
+    @property
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` the first graph was captured with."""
+        return self._example
+
+    @property
     def graphs(self) -> list[torch.fx.GraphModule]:
         """The rewritten graphs captured so far (inspect their ops here)."""
         return [g for _, g in self._graphs]

@@ -160,8 +160,7 @@ def save(
 
 
 def _original(optimized: nn.Module) -> nn.Module:
-    # OptimizedModule keeps the original model as ``_orig_mod`` (no public accessor yet).
-    return optimized._modules["_orig_mod"]
+    return optimized.original
 
 
 def _site_results(optimized: nn.Module) -> list[Any]:

@@ -109,7 +109,7 @@ def _register() -> None:
 
 
 def _original(optimized: nn.Module) -> nn.Module:
-    return optimized._modules["_orig_mod"]
+    return optimized.original
 
 
 def _why_not(optimized: nn.Module) -> str | None:

@@ -84,7 +84,7 @@ def test_partial_policy_and_absent_pooler_round_trip(tmp_path):
         ("encoder.layer.0.attention.self", True),
         ("encoder.layer.1.attention.self", False),
     ]
-    assert loaded._orig_mod.pooler is None
+    assert loaded.original.pooler is None
     assert not (out / checkpoint.PARAMS_FILE).exists()  # no variant owns tensors
     _outputs_equal(optimized, loaded, model, seq_len=11)
 
@@ -105,7 +105,7 @@ def test_force_replaces_only_when_complete(hedgehog, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    model = optimized._orig_mod
+    model = optimized.original
 
     def broken(self, directory, **kwargs):
         (directory / "config.json").write_text("{}")

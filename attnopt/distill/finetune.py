@@ -92,7 +92,7 @@ class LoraStudent:
             raise ImportError("stage='finetune' needs peft: pip install 'attnopt[distill]'") from e
         import attnopt
 
-        original = optimized._orig_mod
+        original = optimized.original
         sites = [r.name for r in optimized.report.applied]
         targets = attention_projections(original, sites)
         if not targets:
@@ -106,10 +106,14 @@ class LoraStudent:
         )
         self.peft_model = get_peft_model(base, config)
         self.base = base
-        args, kwargs = optimized._example
+        args, kwargs = optimized.example_inputs
         example = kwargs if kwargs and not args else (args if not kwargs else None)
         self.module = attnopt.optimize(
-            base, optimized._attn_config, example, layers=optimized._attn_layers, measure=False
+            base,
+            optimized.attention_config,
+            example,
+            layers=optimized.layer_selector,
+            measure=False,
         )
         self.module.attnopt_params.load_state_dict(optimized.attnopt_params.state_dict())
         for p in self.module.attnopt_params.parameters():
@@ -138,7 +142,7 @@ class LoraStudent:
         merged = self.peft_model.merge_and_unload()
         src = dict(merged.named_parameters())
         with torch.no_grad():
-            for name, p in optimized._orig_mod.named_parameters():
+            for name, p in optimized.original.named_parameters():
                 if name in src and not torch.equal(p, src[name]):
                     p.copy_(src[name])
             if self.train_attention:
