@@ -27,13 +27,9 @@ from attnopt.kernels import get_variant
 from attnopt.kernels.agent import Agent, agent_attention_pooled, agent_attention_reference
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
+from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
 
-# dtype -> (atol, rtol) of every implementation against the fp64 naive result.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 4e-3),
-    torch.bfloat16: (2e-2, 2e-2),
-}
+TOLERANCE = KERNEL_TOLERANCE["agent"]
 
 OP = torch.ops.attnopt.agent_attention
 
@@ -100,13 +96,6 @@ def naive_agent(q, k, v, kv_mask, *, num_agents, grid, scale):
     agents, present = naive_agents(q, keep, num_agents, grid)
     agent_values = naive_softmax_attention(agents, k, v, keep.unsqueeze(-2), scale)
     return naive_softmax_attention(q.double(), agents, agent_values, present.unsqueeze(-2), scale)
-
-
-def assert_matches(actual, expected, dtype):
-    atol, rtol = TOLERANCE[dtype]
-    assert actual.dtype == dtype
-    assert torch.isfinite(actual).all()
-    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
 
 
 # -- random problems ---------------------------------------------------------------------------
@@ -187,7 +176,7 @@ def check_case(case):
     )
     for name, out in run_all(case, q, k, v, kv_mask):
         assert out.shape == expected.shape, name
-        assert_matches(out, expected, case["dtype"])
+        assert_matches(out, expected, case["dtype"], TOLERANCE)
         if case["mask"] == "empty":
             assert (out[0] == 0).all(), f"{name}: rows with no agent must be exactly 0"
 

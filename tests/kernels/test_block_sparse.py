@@ -30,13 +30,9 @@ from attnopt.kernels.block_sparse.selection import kept_blocks
 from attnopt.kernels.dense.reference import dense_attention_reference
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
+from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
 
-# dtype -> (atol, rtol) of every implementation against the fp64 naive result.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
+TOLERANCE = KERNEL_TOLERANCE["block_sparse"]
 
 OP = torch.ops.attnopt.block_sparse_attention
 
@@ -149,13 +145,6 @@ def naive_block_sparse(q, k, v, kv_mask, *, block, causal, scale, **kw):
                     row &= kv_mask[b, h]
                 visible[b, h, i] = row
     return naive_attention(q, k, v, visible, scale), kept
-
-
-def assert_matches(actual, expected, dtype):
-    atol, rtol = TOLERANCE[dtype]
-    assert actual.dtype == dtype
-    assert torch.isfinite(actual).all()
-    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
 
 
 # -- random problems ---------------------------------------------------------------------------
@@ -300,7 +289,7 @@ def check_case(case):
         assert (index[..., j][inside] < index[..., j + 1][inside]).all()
     for name, out in run_all(case, q, k, v, kv_mask):
         assert out.shape == expected.shape, name
-        assert_matches(out, expected, case["dtype"])
+        assert_matches(out, expected, case["dtype"], TOLERANCE)
         if case["mask"] == "empty":
             assert (out[0] == 0).all(), f"{name}: rows with no visible key must be exactly 0"
 

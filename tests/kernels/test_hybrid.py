@@ -28,15 +28,11 @@ from attnopt.kernels.hybrid import Hybrid, hybrid_attention_blockwise, hybrid_at
 from attnopt.kernels.linear.feature_maps import FeatureMapParameters
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
+from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
 from tests.kernels.test_linear import MAPS, feature_tensors, naive_phi
 from tests.test_models import _assert_close, _inputs
 
-# dtype -> (atol, rtol) of every implementation against the fp64 naive result.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
+TOLERANCE = KERNEL_TOLERANCE["hybrid"]
 EXACT = 1e-5  # window >= N against softmax attention (op level and end to end)
 END_TO_END = 1e-4  # small windows: logits against the registry reference
 
@@ -83,13 +79,6 @@ def naive_hybrid(q, k, v, kv_mask, *, window, sinks, scale, feature_map, tensors
     den = weights.sum(-1, keepdim=True)
     out = torch.einsum("bhnm,bhmd->bhnd", weights, vd)
     return torch.where(den > 0, out / torch.where(den > 0, den, 1.0), 0.0)
-
-
-def assert_matches(actual, expected, dtype):
-    atol, rtol = TOLERANCE[dtype]
-    assert actual.dtype == dtype
-    assert torch.isfinite(actual).all()
-    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
 
 
 # -- random problems ---------------------------------------------------------------------------
@@ -214,7 +203,7 @@ def check_case(case):
     )
     for name, out in run_all(case, q, k, v, kv_mask, tensors, mix):
         assert out.shape == expected.shape, name
-        assert_matches(out, expected, case["dtype"])
+        assert_matches(out, expected, case["dtype"], TOLERANCE)
         if case["mask"] == "empty":
             assert (out[0] == 0).all(), f"{name}: rows with no visible key must be exactly 0"
 

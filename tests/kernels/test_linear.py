@@ -33,14 +33,10 @@ from attnopt.kernels.linear import (
 from attnopt.kernels.linear.feature_maps import orthogonal_gaussian
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
+from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
 from tests.test_models import _inputs, _main
 
-# dtype -> (atol, rtol) of every implementation against the fp64 naive result.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
+TOLERANCE = KERNEL_TOLERANCE["linear"]
 END_TO_END = 1e-4  # logits of the optimized model vs the registry reference
 
 OP = torch.ops.attnopt.linear_attention
@@ -105,13 +101,6 @@ def naive_linear(q, k, v, kv_mask, *, causal, feature_map, decay, eps, scale, te
     if kv_mask is not None:
         a = a * kv_mask.unsqueeze(-2)
     return torch.einsum("bhnm,bhmd->bhnd", a, v) / (a.sum(-1, keepdim=True) + eps)
-
-
-def assert_matches(actual, expected, dtype):
-    atol, rtol = TOLERANCE[dtype]
-    assert actual.dtype == dtype
-    assert torch.isfinite(actual).all()
-    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
 
 
 # -- random problems ---------------------------------------------------------------------------
@@ -256,7 +245,7 @@ def check_case(case):
     )
     for name, out in run_all(case, q, k, v, kv_mask, tensors):
         assert out.shape == expected.shape, name
-        assert_matches(out, expected, case["dtype"])
+        assert_matches(out, expected, case["dtype"], TOLERANCE)
         if case["mask"] == "empty":
             assert (out[0] == 0).all(), f"{name}: rows with no visible key must be exactly 0"
 
@@ -339,7 +328,7 @@ def test_causal_chunk_size_does_not_change_the_result(feature_map, decay):
     )
     for chunk in (1, 16, 30, 64, 257, 1000):
         out = linear_attention_chunked(q, k, v, kv_mask, chunk=chunk, **kw)
-        assert_matches(out, expected, torch.float32)
+        assert_matches(out, expected, torch.float32, TOLERANCE)
 
 
 def test_padding_keys_contribute_nothing():

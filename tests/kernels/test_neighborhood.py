@@ -32,13 +32,9 @@ from attnopt.kernels.neighborhood import (
 from attnopt.kernels.neighborhood.reference import neighborhood_visible
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
+from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
 
-# dtype -> (atol, rtol) of every implementation against the fp64 naive result.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
+TOLERANCE = KERNEL_TOLERANCE["neighborhood"]
 
 OP = torch.ops.attnopt.neighborhood_attention
 
@@ -108,13 +104,6 @@ def naive_neighborhood(q, k, v, kv_mask, *, grid, kernel, dilation, stride, caus
     if kv_mask is not None:
         visible = visible & kv_mask.unsqueeze(-2)
     return naive_attention(q, k, v, visible, scale)
-
-
-def assert_matches(actual, expected, dtype):
-    atol, rtol = TOLERANCE[dtype]
-    assert actual.dtype == dtype
-    assert torch.isfinite(actual).all()
-    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
 
 
 # -- random problems ---------------------------------------------------------------------------
@@ -201,7 +190,7 @@ def check_case(case):
     )
     for name, out in run_all(case, q, k, v, kv_mask):
         assert out.shape == expected.shape, name
-        assert_matches(out, expected, case["dtype"])
+        assert_matches(out, expected, case["dtype"], TOLERANCE)
         if case["mask"] == "empty":
             assert (out[0] == 0).all(), f"{name}: rows with no visible key must be exactly 0"
 
