@@ -26,6 +26,11 @@ and positions in groups whose temporaries hold about ``max_elements`` numbers, s
 besides the output only a few such buffers are alive; no ``[N, M]`` tensor exists.
 fp16/bf16 inputs are computed in fp32 group by group.
 
+Inference (no autograd, no decay) takes a leaner path: buffers allocated once per
+call, the numerator written straight into the output's rows and divided there, the
+normaliser kept as its own vector instead of a ``[v, 1]`` column, and the chunk
+states of a group made running by an in-place cumulative sum.
+
 Autograd: :func:`linear_forward` with ``differentiable=True`` uses only
 out-of-place ops and assembles the output by concatenation, so ``torch.func.vjp``
 can differentiate it (the op's backward does); it then keeps each group's
@@ -48,6 +53,10 @@ from attnopt.kernels.linear.reference import check_linear_args, decay_per_head
 __all__ = ["HeadGroup", "Plan", "causal_groups", "linear_attention_chunked", "linear_forward"]
 
 DEFAULT_MAX_ELEMENTS = 1 << 15
+# Without autograd the buffers are allocated once per call and about four are alive,
+# so each may be larger: at N = 16k, H = 8, D = 64 the peak extra memory is still
+# below SDPA's (benchmarks/bench_linear.py).
+INFERENCE_MAX_ELEMENTS = 1 << 16
 
 
 def linear_attention_chunked(
@@ -79,7 +88,7 @@ def linear_attention_chunked(
         chunk: positions per chunk of the causal kernel (the result does not depend
             on it beyond rounding).
         max_elements: numbers per group temporary, which bounds the extra memory;
-            default ``2**15``.
+            default ``2**15`` with autograd, ``2**16`` without (preallocated buffers).
 
     Returns:
         ``[B, H, N, Dv]`` in ``q.dtype``.
@@ -154,6 +163,7 @@ class Plan:
     key_mask: torch.Tensor | None  # [Bm, Hm, M] bool
     tensors: tuple  # (q_weight, q_bias, k_weight, k_bias)
     differentiable: bool
+    max_elements: int | None = None
 
     @property
     def off(self) -> int:
@@ -214,6 +224,7 @@ def make_plan(
         key_mask=key_mask,
         tensors=tensors,
         differentiable=differentiable,
+        max_elements=max_elements,
     )
 
 
@@ -326,22 +337,30 @@ def keys_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(φ(k) [R|1, L, F], [v, 1] [L, Dv+1])`` of key positions ``[lo, hi)``; keys that
     do not exist, are padding, or lie before ``first_key`` have ``φ = 0``."""
+    kf, vr = keys_plain(plan, hg, lo, hi, first_key)
+    return kf, torch.cat([vr, vr.new_ones(vr.shape[0], 1)], dim=-1)
+
+
+def keys_plain(
+    plan: Plan, hg: HeadGroup, lo: int, hi: int, first_key: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(φ(k) [R|1, L, F], v [L, Dv])`` of key positions ``[lo, hi)`` (compute dtype;
+    ``v`` is a view when it can be), absent keys with ``φ = 0`` as in :func:`keys_at`."""
     ct = plan.ct
     kr = take_rows(hg.k, lo, hi).to(ct)
     kf = apply_feature_map(
         kr, plan.feature_map, weight=hg.k_weight, bias=hg.k_bias, scale=plan.scale
     ).unsqueeze(0)  # [1, L, F]
     vr = take_rows(hg.v, lo, hi).to(ct)
-    va = torch.cat([vr, vr.new_ones(vr.shape[0], 1)], dim=-1)  # [L, Dv+1]
     if hg.key_mask is None and lo >= max(first_key, 0) and hi <= plan.M:
-        return kf, va  # every key exists and counts
+        return kf, vr  # every key exists and counts
     pos = torch.arange(lo, hi, device=kr.device)
     valid = ((pos >= max(first_key, 0)) & (pos < plan.M))[None, :]  # [1, L]
     if hg.key_mask is not None:
         valid = valid & take_rows(hg.key_mask.unsqueeze(-1), lo, hi).squeeze(-1)
     if not bool(valid.all()):
         kf = kf * valid.unsqueeze(-1).to(ct)
-    return kf, va
+    return kf, vr
 
 
 # -- bidirectional ------------------------------------------------------------------------------
@@ -455,6 +474,196 @@ def causal_groups(
         yield r0, max(r0, 0), min(plan.N, p1 - off), rows, out
 
 
+# -- without autograd: straight into the output ------------------------------------------------
+#
+# Inference needs none of the intermediates, so the no-grad paths below keep the
+# numerator and the normaliser apart (no ``[v, 1]`` copies), accumulate states in
+# place, write every block's numerator into its rows of the output with ``out=`` and
+# divide there. Each temporary holds at most ``max_elements`` numbers and about four
+# are alive at once; with several thousand positions per call this is a few dozen
+# large matmuls per head instead of hundreds of small ones.
+
+
+def _normalise_(num: torch.Tensor, den: torch.Tensor, eps: float) -> None:
+    """``num /= den + eps`` in place (``den`` broadcast over the last dim); with
+    ``eps == 0``, rows whose ``den`` is 0 (no key) keep their numerator, 0."""
+    if eps:
+        num.div_(den.add_(eps))
+    else:
+        num.div_(torch.where(den > 0, den, 1.0))
+
+
+class _Rows:
+    """Rows ``[i0, i1)`` of ``dest [R, N, Dv]`` as a compute-dtype buffer of ``L`` rows
+    that starts at row ``r0``: the destination itself when it covers exactly those rows
+    in the compute dtype, else a scratch buffer copied back by :meth:`flush`."""
+
+    def __init__(self, dest, r: int, r0: int, i0: int, i1: int, L: int, ct) -> None:
+        self.dest, self.r, self.r0, self.i0, self.i1 = dest, r, r0, i0, i1
+        self.direct = dest.dtype == ct and r0 == i0 and i1 - i0 == L
+        if self.direct:
+            self.buf = dest[r, i0:i1]
+        else:
+            self.buf = torch.empty(L, dest.shape[-1], dtype=ct, device=dest.device)
+
+    def flush(self) -> None:
+        if not self.direct:
+            lo = self.i0 - self.r0
+            self.dest[self.r, self.i0 : self.i1] = self.buf[lo : lo + self.i1 - self.i0]
+
+
+def _key_heads(hg: HeadGroup) -> int:
+    """How many distinct key-side feature sets the group has: 1, or R with a per-head mask."""
+    return 1 if hg.key_mask is None else hg.key_mask.shape[0]
+
+
+def _phi_into(
+    plan: Plan, hg: HeadGroup, x: torch.Tensor, out: torch.Tensor, scratch, *, query: bool
+) -> torch.Tensor:
+    """``φ(x)`` into ``out`` (same shape; ``scratch`` a buffer of ``x``'s size or None).
+
+    elu and relu are computed in place without allocating; the learnt and random maps
+    go through :func:`apply_feature_map` and are copied."""
+    if plan.feature_map == "elu" and scratch is not None:
+        torch.clamp(x, max=0.0, out=out).exp_()  # elu(x) + 1 == exp(min(x, 0)) + max(x, 0)
+        return out.add_(torch.clamp(x, min=0.0, out=scratch))
+    if plan.feature_map == "relu":
+        return torch.clamp(x, min=0.0, out=out)
+    weight = hg.q_weight if query else hg.k_weight
+    bias = hg.q_bias if query else hg.k_bias
+    f = apply_feature_map(
+        x, plan.feature_map, weight=weight, bias=bias, scale=plan.scale, query=query
+    )
+    return out.copy_(f)
+
+
+class _Workspace:
+    """Buffers of the no-grad paths, allocated once per call: ``rows`` positions of
+    φ(q) for ``R`` heads and φ(k) for ``Rs`` key sets, a scratch area (elu's second
+    half, then the causal chunk scores), running states and normalisers."""
+
+    def __init__(self, plan: Plan, rows: int, rs: int, device, chunks: int = 0) -> None:
+        ct, F, Dv, C = plan.ct, plan.F, plan.Dv, plan.chunk
+        self.qphi = torch.empty(plan.R, rows, F, dtype=ct, device=device)
+        self.kphi = torch.empty(rs, rows, F, dtype=ct, device=device)
+        width = max(plan.D, C if chunks else 0)
+        self.work = torch.empty(max(plan.R, rs) * rows * width, dtype=ct, device=device)
+        if chunks:
+            self.states = torch.empty(rs, chunks, F, Dv, dtype=ct, device=device)
+            self.norms = torch.empty(rs, chunks, F, 1, dtype=ct, device=device)
+            self.den = torch.empty(chunks, C, 1, dtype=ct, device=device)
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor | None:
+        n = like.numel()
+        if like.dtype != self.work.dtype or n > self.work.numel():
+            return None
+        return self.work[:n].view(like.shape)
+
+    def rows(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        return buf[:, :n]
+
+
+def _keys_into(plan: Plan, hg: HeadGroup, ws: _Workspace, lo: int, hi: int):
+    """``(φ(k) [Rs, L, F], v [L, Dv])`` of key positions ``[lo, hi)`` in the workspace,
+    absent keys (outside ``[0, M)`` or padding) with ``φ = 0`` as in :func:`keys_at`."""
+    ct, L = plan.ct, hi - lo
+    kr = take_rows(hg.k, lo, hi).to(ct)
+    kf = ws.kphi[:, :L]
+    _phi_into(plan, hg, kr.expand(kf.shape[0], -1, -1), kf, ws.scratch(kf), query=False)
+    vr = take_rows(hg.v, lo, hi).to(ct)
+    if hg.key_mask is None and lo >= 0 and hi <= plan.M:
+        return kf, vr
+    pos = torch.arange(lo, hi, device=kr.device)
+    valid = ((pos >= 0) & (pos < plan.M))[None, :]
+    if hg.key_mask is not None:
+        valid = valid & take_rows(hg.key_mask.unsqueeze(-1), lo, hi).squeeze(-1)
+    return kf.mul_(valid.unsqueeze(-1).to(ct)), vr
+
+
+def _bidirectional_into(plan: Plan, hg: HeadGroup, dest: torch.Tensor, eps: float) -> None:
+    """Bidirectional linear attention of one head group into ``dest [R, N, Dv]``."""
+    budget = INFERENCE_MAX_ELEMENTS if plan.max_elements is None else plan.max_elements
+    rs = _key_heads(hg)
+    rows = max(16, min(max(plan.N, plan.M), budget // (max(plan.R, rs) * max(plan.F, plan.D))))
+    ws = _Workspace(plan, rows, rs, hg.q.device)
+    state = torch.zeros(rs, plan.F, plan.Dv, dtype=plan.ct, device=hg.q.device)
+    norm = torch.zeros(rs, plan.F, 1, dtype=plan.ct, device=hg.q.device)
+    for lo in range(0, plan.M, rows):
+        kf, vr = _keys_into(plan, hg, ws, lo, min(plan.M, lo + rows))  # [Rs, L, F], [L, Dv]
+        if rs == 1:
+            state[0].addmm_(kf[0].t(), vr)
+        else:
+            state.baddbmm_(kf.transpose(-1, -2), vr.expand(rs, -1, -1))
+        norm.add_(kf.sum(-2).unsqueeze(-1))
+    for i0 in range(0, plan.N, rows):
+        i1 = min(plan.N, i0 + rows)
+        x = hg.q[:, i0:i1].to(plan.ct)
+        qf = ws.qphi[:, : i1 - i0]
+        _phi_into(plan, hg, x, qf, ws.scratch(qf), query=True)  # [R, L, F]
+        for r in range(plan.R):
+            s = 0 if rs == 1 else r
+            out = _Rows(dest, r, i0, i0, i1, i1 - i0, plan.ct)
+            torch.mm(qf[r], state[s], out=out.buf)
+            _normalise_(out.buf, qf[r] @ norm[s], eps)
+            out.flush()
+
+
+def _causal_into(plan: Plan, hg: HeadGroup, dest: torch.Tensor, eps: float) -> None:
+    """Causal linear attention without decay of one head group into ``dest [R, N, Dv]``.
+
+    Per group of ``g`` chunks: the chunks' own states ``φ(K_c)ᵀ V_c`` in one batched
+    matmul, turned into running states by an in-place cumulative sum over chunks plus
+    the carried state; chunk ``c`` reads the running state after chunk ``c − 1``."""
+    C, ct, F, Dv = plan.chunk, plan.ct, plan.F, plan.Dv
+    budget = INFERENCE_MAX_ELEMENTS if plan.max_elements is None else plan.max_elements
+    rs = _key_heads(hg)
+    off = plan.off
+    start = (off // C) * C
+    last = off + plan.N
+    G = max(1, min(-(-(last - start) // C), budget // (C * max(C, F, Dv, plan.D))))
+    ws = _Workspace(plan, G * C, rs, hg.q.device, chunks=G)
+    initial = _initial_state(plan, hg, min(start, plan.M), 0)  # [Rs|1, F, Dv+1] | None
+    if initial is None:
+        initial = torch.zeros(rs, F, Dv + 1, dtype=ct, device=hg.q.device)
+    initial = initial.expand(rs, -1, -1)
+    state, norm = initial[..., :Dv].contiguous(), initial[..., Dv:].contiguous()
+    for p0 in range(start, last, G * C):
+        g = min(G, -(-(last - p0) // C))
+        p1 = p0 + g * C
+        kf, vr = _keys_into(plan, hg, ws, p0, p1)
+        kc, vc = kf.view(rs, g, C, F), vr.reshape(g, C, Dv)
+        # Running states after each chunk: [Rs, g, F, Dv] and [Rs, g, F, 1].
+        states, norms = ws.states[:, :g], ws.norms[:, :g]
+        torch.matmul(kc.transpose(-1, -2), vc, out=states)
+        states.cumsum_(1).add_(state.unsqueeze(1))
+        torch.sum(kc, -2, keepdim=True, out=norms.transpose(-1, -2))
+        norms.cumsum_(1).add_(norm.unsqueeze(1))
+        r0 = p0 - off
+        i0, i1 = max(r0, 0), min(plan.N, p1 - off)
+        x = take_rows(hg.q, r0, p1 - off).to(ct)  # [R, g*C, D]
+        qf = ws.qphi[:, : g * C]
+        _phi_into(plan, hg, x, qf, ws.scratch(qf), query=True)
+        scores = ws.work[: g * C * C].view(g, C, C)
+        den = ws.den[:g]
+        for r in range(plan.R):
+            s = 0 if rs == 1 else r
+            qr = qf[r].view(g, C, F)
+            torch.bmm(qr, kc[s].transpose(-1, -2), out=scores).tril_()
+            out = _Rows(dest, r, r0, i0, i1, g * C, ct)
+            num = out.buf.view(g, C, Dv)
+            torch.bmm(scores, vc, out=num)
+            torch.sum(scores, -1, keepdim=True, out=den)
+            num[0].addmm_(qr[0], state[s])
+            den[0].addmm_(qr[0], norm[s])
+            if g > 1:
+                num[1:].baddbmm_(qr[1:], states[s, :-1])
+                den[1:].baddbmm_(qr[1:], norms[s, :-1])
+            _normalise_(num, den, eps)
+            out.flush()
+        state.copy_(states[:, g - 1])
+        norm.copy_(norms[:, g - 1])
+
+
 # -- driver -------------------------------------------------------------------------------------
 
 
@@ -543,6 +752,12 @@ def linear_forward(
     if plan.N == 0:
         return q.new_empty(plan.B, plan.H, 0, plan.Dv)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        if not differentiable and not (causal and plan.log_decay is not None):
+            out = q.new_empty(plan.B, plan.H, plan.N, plan.Dv)
+            for hg in head_groups(plan, q, k, v):
+                into = _causal_into if causal else _bidirectional_into
+                into(plan, hg, out[hg.b, hg.heads], eps)
+            return out
         for hg in head_groups(plan, q, k, v):
             if causal:
                 for r0, i0, i1, _, lin in causal_groups(plan, hg):

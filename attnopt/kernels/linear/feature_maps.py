@@ -166,8 +166,11 @@ def apply_feature_map(
         torch.Size([2, 3, 4])
     """
     if feature_map == "elu":
-        # elu's backward reads its input, not its output, so adding in place is safe.
-        return torch.nn.functional.elu(x).add_(1.0)
+        # elu(x) + 1 == exp(min(x, 0)) + max(x, 0): exp and clamp are vectorised on CPU,
+        # elu's expm1 is not (about 3x slower per element with one thread).
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.exp(torch.clamp_max(x, 0.0)) + torch.clamp_min(x, 0.0)
+        return torch.clamp_max(x, 0.0).exp_().add_(torch.clamp_min(x, 0.0))
     if feature_map == "relu":
         return torch.relu(x)
     if feature_map == "softmax_rf":
