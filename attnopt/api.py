@@ -98,6 +98,14 @@ def _assign(sites, config, layers) -> tuple[dict[str, AttentionConfig | None], d
     return assignment, reasons
 
 
+# Methods of the original (transformers) model that would act on it as if it were not
+# converted; the wrapper refuses them instead of forwarding, with what to do instead.
+_DROPS_CONVERSION = {
+    "push_to_hub": "save it with save_pretrained(dir) (or `attnopt convert`) and upload "
+    "that directory, which attnopt.load reads back",
+}
+
+
 class OptimizedModule(nn.Module):
     """A model whose attention runs through attnopt ops, called like the original.
 
@@ -145,6 +153,12 @@ class OptimizedModule(nn.Module):
             orig = self._modules.get("_orig_mod")
             if orig is None or name.startswith("__"):
                 raise
+            if name in _DROPS_CONVERSION:
+                raise AttributeError(
+                    f"OptimizedModule.{name}: the original model's {name} would publish "
+                    f"the unconverted model and lose the attention rewrite; "
+                    f"{_DROPS_CONVERSION[name]}"
+                ) from None
             return getattr(orig, name)
 
     @property

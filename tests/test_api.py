@@ -162,6 +162,9 @@ def test_hf_output_structure_is_kept():
     out = optimized(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert type(out).__name__ == "CausalLMOutputWithPast"
     assert optimized.config is model.config  # attributes come from the original
+    # ... except those that would publish the unconverted model
+    with pytest.raises(AttributeError, match=r"push_to_hub.*unconverted.*save_pretrained"):
+        getattr(optimized, "push_to_hub")  # noqa: B009
     bert = tiny_model("tiny-bert")
     out = attnopt.optimize(bert, attnopt.Dense())(
         input_ids=ids, attention_mask=torch.ones_like(ids)
