@@ -549,18 +549,21 @@ class _Workspace:
         width = max(plan.D, C if chunks else 0)
         self.work = torch.empty(max(plan.R, rs) * rows * width, dtype=ct, device=device)
         if chunks:
-            self.states = torch.empty(rs, chunks, F, Dv, dtype=ct, device=device)
-            self.norms = torch.empty(rs, chunks, F, 1, dtype=ct, device=device)
-            self.den = torch.empty(chunks, C, 1, dtype=ct, device=device)
+            G = chunks
+            self.own = torch.empty(rs, G, F * Dv, dtype=ct, device=device)
+            self.own_norms = torch.empty(rs, G, F, dtype=ct, device=device)
+            self.states = torch.empty(rs, G + 1, F * Dv, dtype=ct, device=device)
+            self.norms = torch.empty(rs, G + 1, F, dtype=ct, device=device)
+            self.den = torch.empty(G, C, 1, dtype=ct, device=device)
+            # before[c, c'] = 1 for c' < c: row c sums the chunks before chunk c.
+            g = torch.arange(G + 1, device=device)
+            self.before = (g[:, None] > g[None, :G]).to(ct)
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor | None:
         n = like.numel()
         if like.dtype != self.work.dtype or n > self.work.numel():
             return None
         return self.work[:n].view(like.shape)
-
-    def rows(self, buf: torch.Tensor, n: int) -> torch.Tensor:
-        return buf[:, :n]
 
 
 def _keys_into(plan: Plan, hg: HeadGroup, ws: _Workspace, lo: int, hi: int):
@@ -612,9 +615,10 @@ def _causal_into(plan: Plan, hg: HeadGroup, dest: torch.Tensor, eps: float) -> N
     """Causal linear attention without decay of one head group into ``dest [R, N, Dv]``.
 
     Per group of ``g`` chunks: the chunks' own states ``φ(K_c)ᵀ V_c`` in one batched
-    matmul, turned into running states by an in-place cumulative sum over chunks plus
-    the carried state; chunk ``c`` reads the running state after chunk ``c − 1``."""
-    C, ct, F, Dv = plan.chunk, plan.ct, plan.F, plan.Dv
+    matmul; the state each chunk starts from (carried state plus the chunks before
+    it in the group) in one more, ``before [g+1, g] @ own``, whose last row is the
+    state carried into the next group."""
+    C, ct, F, Dv, R = plan.chunk, plan.ct, plan.F, plan.Dv, plan.R
     budget = INFERENCE_MAX_ELEMENTS if plan.max_elements is None else plan.max_elements
     rs = _key_heads(hg)
     off = plan.off
@@ -626,18 +630,19 @@ def _causal_into(plan: Plan, hg: HeadGroup, dest: torch.Tensor, eps: float) -> N
     if initial is None:
         initial = torch.zeros(rs, F, Dv + 1, dtype=ct, device=hg.q.device)
     initial = initial.expand(rs, -1, -1)
-    state, norm = initial[..., :Dv].contiguous(), initial[..., Dv:].contiguous()
+    state = initial[..., :Dv].reshape(rs, 1, F * Dv).clone()  # carried into the group
+    norm = initial[..., Dv].reshape(rs, 1, F).clone()
     for p0 in range(start, last, G * C):
         g = min(G, -(-(last - p0) // C))
         p1 = p0 + g * C
         kf, vr = _keys_into(plan, hg, ws, p0, p1)
-        kc, vc = kf.view(rs, g, C, F), vr.reshape(g, C, Dv)
-        # Running states after each chunk: [Rs, g, F, Dv] and [Rs, g, F, 1].
-        states, norms = ws.states[:, :g], ws.norms[:, :g]
-        torch.matmul(kc.transpose(-1, -2), vc, out=states)
-        states.cumsum_(1).add_(state.unsqueeze(1))
-        torch.sum(kc, -2, keepdim=True, out=norms.transpose(-1, -2))
-        norms.cumsum_(1).add_(norm.unsqueeze(1))
+        kc, vc = kf.view(rs, g, C, F), vr.view(g, C, Dv)
+        own, own_norms = ws.own[:, :g], ws.own_norms[:, :g]
+        torch.matmul(kc.transpose(-1, -2), vc, out=own.view(rs, g, F, Dv))
+        torch.sum(kc, -2, out=own_norms)
+        before = ws.before[: g + 1, :g].expand(rs, -1, -1)
+        states = torch.baddbmm(state, before, own, out=ws.states[:, : g + 1])
+        norms = torch.baddbmm(norm, before, own_norms, out=ws.norms[:, : g + 1])
         r0 = p0 - off
         i0, i1 = max(r0, 0), min(plan.N, p1 - off)
         x = take_rows(hg.q, r0, p1 - off).to(ct)  # [R, g*C, D]
@@ -645,7 +650,7 @@ def _causal_into(plan: Plan, hg: HeadGroup, dest: torch.Tensor, eps: float) -> N
         _phi_into(plan, hg, x, qf, ws.scratch(qf), query=True)
         scores = ws.work[: g * C * C].view(g, C, C)
         den = ws.den[:g]
-        for r in range(plan.R):
+        for r in range(R):
             s = 0 if rs == 1 else r
             qr = qf[r].view(g, C, F)
             torch.bmm(qr, kc[s].transpose(-1, -2), out=scores).tril_()
@@ -653,15 +658,12 @@ def _causal_into(plan: Plan, hg: HeadGroup, dest: torch.Tensor, eps: float) -> N
             num = out.buf.view(g, C, Dv)
             torch.bmm(scores, vc, out=num)
             torch.sum(scores, -1, keepdim=True, out=den)
-            num[0].addmm_(qr[0], state[s])
-            den[0].addmm_(qr[0], norm[s])
-            if g > 1:
-                num[1:].baddbmm_(qr[1:], states[s, :-1])
-                den[1:].baddbmm_(qr[1:], norms[s, :-1])
+            num.baddbmm_(qr, states[s, :g].view(g, F, Dv))
+            den.baddbmm_(qr, norms[s, :g].unsqueeze(-1))
             _normalise_(num, den, eps)
             out.flush()
-        state.copy_(states[:, g - 1])
-        norm.copy_(norms[:, g - 1])
+        state.copy_(states[:, g : g + 1])
+        norm.copy_(norms[:, g : g + 1])
 
 
 # -- driver -------------------------------------------------------------------------------------
