@@ -402,6 +402,30 @@ def test_long_sequence_many_chunks():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "causal,n,m,dtype",
+    [
+        (False, 1024, 1024, torch.float32),
+        (True, 1024, 1024, torch.float32),
+        (True, 960, 1024, torch.float32),  # bottom-right aligned, whole query blocks
+        (True, 1024, 1024, torch.float64),
+    ],
+    ids=["bidirectional", "causal", "causal-offset", "causal-fp64"],
+)
+def test_fused_common_chunks(causal, n, m, dtype):
+    """Whole blocks, one query head per kv head, D == Dv <= block: the chunks that go to
+    the fused kernel (causal: the reversed-row diagonal mask), against the reference."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 3, n, 32, generator=gen).to(dtype)
+    k = torch.randn(1, 3, m, 32, generator=gen).to(dtype)
+    v = torch.randn(1, 3, m, 32, generator=gen).to(dtype)
+    kw = dict(block=64, topk=4, causal=causal)
+    expected = block_sparse_attention_reference(q, k, v, **kw)
+    out = block_sparse_attention_gather(q, k, v, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+
 def test_no_allocation_grows_with_n_times_m():
     """Forward and backward allocate nothing larger than q, k, v or their gradients, far
     below one [N, M] score matrix."""

@@ -316,6 +316,75 @@ def test_benchmark_shape_many_groups():
     torch.testing.assert_close(out[:, :, rows].double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("grid", "tile"),
+    [((5, 8, 9), (2, 2, 4)), ((4, 8, 8), (2, 2, 4))],
+    ids=["partial-tiles", "whole-tiles"],
+)
+def test_blocks_split_inside_the_middle_axis(grid, tile):
+    """A block budget between one row and one plane of tiles: blocks are runs of tiles
+    along the middle axis (extra tokens, GQA, per-head padding, strided q; forward and
+    gradients)."""
+    from attnopt.kernels.neighborhood import tiled
+
+    gen = torch.Generator().manual_seed(9)
+    n = 2 + math.prod(grid)
+    q = torch.randn(1, n, 4, 8, generator=gen).transpose(1, 2)  # [B, H, N, D] strides of bnhd
+    k = torch.randn(1, 2, n, 8, generator=gen)
+    v = torch.randn(1, 2, n, 5, generator=gen)
+    grad = torch.randn(1, 4, n, 5, generator=gen)
+    kv_mask = torch.rand(1, 4, n, generator=gen) > 0.2
+    p = dict(grid=grid, kernel=(3, 3, 5), dilation=(1,) * 3, stride=(1,) * 3, causal=(False,) * 3)
+
+    def plan(max_scores):
+        return tiled._plan(q, k, v, kv_mask, **p, scale=0.3, tile=tile, max_scores=max_scores)
+
+    # Scores of six tiles a block: at least a row of tiles (2 or 3), less than a plane
+    # (8 or 12), so the blocks are runs of 2 tiles along the middle axis.
+    sub = plan(None).subs[0]
+    max_scores = 6 * 2 * sub.tile_queries * sub.keys  # 2 query heads per kv head
+    tiles = [ax.tiles for ax in sub.axes]
+    _, blocks = tiled._blocks(plan(max_scores), sub)
+    assert {blk.counts for blk in blocks} == {(1, 2, tiles[2])}
+    kw = dict(p, scale=0.3, tile=tile, max_scores=max_scores)
+
+    expected = naive_neighborhood(q, k, v, kv_mask, **p, scale=0.3)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = neighborhood_attention_tiled(*inputs, kv_mask, **kw)
+    assert_matches(out.detach(), expected, torch.float32, TOLERANCE)
+    out.backward(grad)
+    want = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = neighborhood_attention_reference(*want, kv_mask, **p, scale=0.3)
+    ref.backward(grad)
+    for label, got, w in zip("qkv", inputs, want, strict=True):
+        torch.testing.assert_close(got.grad, w.grad, atol=1e-5, rtol=1e-5, msg=f"d{label}")
+
+
+def test_forward_workspace_stays_within_budget(monkeypatch):
+    """All the forward's workspace buffers together stay within ``_WORKSPACE_BYTES``
+    whatever N (the output is the one allocation that grows with the problem), on
+    both benchmark kernels."""
+    from attnopt.kernels.neighborhood import tiled
+
+    peak = [0]
+
+    class CountingWorkspace(tiled._Workspace):
+        def get(self, key, shape, dtype, numel=0):
+            out = super().get(key, shape, dtype, numel)
+            live = sum(b.numel() * b.element_size() for b in self._buffers.values())
+            peak[0] = max(peak[0], live)
+            return out
+
+    monkeypatch.setattr(tiled, "_Workspace", CountingWorkspace)
+    gen = torch.Generator().manual_seed(10)
+    for grid, kernel in [((48, 48), 13), ((96, 96), 13), ((4, 16, 16), (3, 7, 7))]:
+        n = math.prod(grid)
+        q, k, v = (torch.randn(1, 2, n, 64, generator=gen) for _ in range(3))
+        peak[0] = 0
+        neighborhood_attention_tiled(q, k, v, grid=grid, kernel=kernel)
+        assert 0 < peak[0] <= tiled._WORKSPACE_BYTES, (grid, peak[0])
+
+
 @pytest.fixture
 def nan_filled_empty():
     """``torch.empty`` (and the kernels' output and workspace buffers) filled with NaN,

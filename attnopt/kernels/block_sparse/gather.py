@@ -12,8 +12,10 @@ inside kept blocks is added to the scores: the causal triangle of the diagonal b
 (always the last kept block in causal attention), padding keys and keys past ``M``
 (gathered from one per-key bias, only when there are any) and the unused slots of a
 query block that keeps fewer than ``w`` blocks. Queries and outputs of whole blocks of
-one contiguous head are used in place (the scale goes into the matmul). No ``[N, M]``
-tensor is ever built.
+one contiguous head are used in place (the scale goes into the matmul). The common
+chunk (one head, whole blocks, no padding, ``D == Dv <= block``) hands its gathered
+key and value blocks to the fused CPU attention kernel instead (see :class:`_FastPath`).
+No ``[N, M]`` tensor is ever built.
 
 Memory: a chunk's scores hold at most ``max_scores`` elements (at least one query
 block's); with the key/value buffer of the same size and the output, that is all the
@@ -34,6 +36,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 from attnopt.kernels._checks import check_attention_inputs
 from attnopt.kernels.block_sparse.selection import (
@@ -284,6 +287,9 @@ class _Workspace:
     def get(self, name: str, *shape: int) -> torch.Tensor:
         return self._bufs[name][: math.prod(shape)].view(shape)
 
+    def size(self, name: str) -> int:
+        return self._bufs[name].numel()
+
 
 # -- pieces of one chunk -----------------------------------------------------------------------
 
@@ -422,6 +428,106 @@ def _chunk_index(plan: _Plan, selection: BlockSelection, ch: _Chunk):
     return idx3, cnt, idx, tail
 
 
+class _FastPath:
+    """The forward of the common chunk with few Python-level tensor operations: one
+    query head, whole query blocks, every query block keeping all ``width`` slots, no
+    padding keys and whole key blocks, q, k, v in the compute dtype with contiguous rows.
+    Queries and outputs are read and written in place, per-head views are made once.
+
+    When ``D == Dv <= block`` the gathered key and value blocks go to the fused
+    ``scaled_dot_product_attention`` (the CPU flash kernel: scores a tile at a time in
+    its own small buffers, a fast exp, and its batch and query tiles split over
+    threads), the value blocks taking the score buffer's place. In causal attention
+    only the diagonal block, kept and last, is masked: query ``i`` of the block sees
+    keys up to ``(width - 1)·block + i`` of the gathered row. Taken in reverse row
+    order, the query at reversed row ``i'`` sees keys ``j`` with ``i' + j <
+    width·block``, a mask that depends on ``i' + j`` only: an overlapping
+    ``as_strided`` view ``(1, 1)`` of one row of ``width·block + block - 1`` entries
+    (0, then ``-inf``) instead of a ``[block, width·block]`` tensor; the queries are
+    reversed on the way in and the outputs on the way out. Otherwise two
+    ``index_select``, two matmuls, the softmax and the causal triangle."""
+
+    def __init__(self, plan: _Plan, q, k, v, out, selection: BlockSelection, ws: _Workspace):
+        L = plan.layout
+        self.ok = (
+            not plan.padded
+            and plan.nfull == L.num_k_blocks
+            and all(t.dtype == plan.ct and t.stride(-1) == 1 for t in (q, k, v))
+            and all(t.stride(-2) == t.shape[-1] for t in (q, k, v))
+        )
+        self.fused = plan.ct in (torch.float32, torch.float64) and plan.D == plan.Dv <= L.block
+        self.plan, self.q, self.k, self.v, self.out, self.sel = plan, q, k, v, out, selection
+        self.s = ws.get("s", ws.size("s"))
+        self.kv = ws.get("kv", ws.size("kv"))
+        self.head = None
+        self.group = None
+        self.masks: dict[int, torch.Tensor] = {}
+        self.reverse = torch.arange(L.block - 1, -1, -1, device=q.device)
+
+    def _views(self, b: int, h: int, hk: int) -> None:
+        plan, bs = self.plan, self.plan.layout.block
+        if self.group != (b, hk):
+            self.group = (b, hk)
+            self.kb = self.k[b, hk].view(-1, bs * plan.D)  # [nK, block·D]
+            self.vb = self.v[b, hk].view(-1, bs * plan.Dv)
+        self.head = (b, h)
+        self.qh = self.q[b, h]  # [N, D]
+        self.oh = self.out[b, h]
+        self.index = self.sel.index[b, h]  # [nQ, K]
+
+    def _mask(self, w: int) -> torch.Tensor:
+        """``[block, w·block]`` additive mask of reversed query rows (see the class)."""
+        mask = self.masks.get(w)
+        if mask is None:
+            bs, W = self.plan.layout.block, w * self.plan.layout.block
+            row = torch.zeros(W + bs - 1, dtype=self.plan.ct, device=self.out.device)
+            row[W:] = _NEG_INF
+            mask = self.masks[w] = row.as_strided((bs, W), (1, 1))
+        return mask
+
+    def run(self, ch: _Chunk) -> bool:
+        """Compute ``ch`` if it is a common chunk; False to leave it to the general path."""
+        if not (self.ok and ch.full and ch.h1 - ch.h0 == 1):
+            return False
+        plan = self.plan
+        L = plan.layout
+        bs, w, g = L.block, ch.width, ch.j1 - ch.j0
+        t0 = (L.first_block + ch.j0) * bs
+        t1 = (L.first_block + ch.j1) * bs
+        if t0 < L.row_start or t1 > L.row_end:  # a partial query block
+            return False
+        if self.head != (ch.b, ch.h0):
+            self._views(ch.b, ch.h0, ch.hk)
+        a, e = t0 - L.offset, t1 - L.offset
+        idx = self.index[ch.j0 : ch.j1, :w]
+        idx = idx[0] if g == 1 else idx.reshape(-1)
+        n, D, Dv = g * w, plan.D, plan.Dv
+        kg = torch.index_select(self.kb, 0, idx, out=self.kv[: n * bs * D].view(n, bs * D))
+        qg = self.qh[a:e].view(g, bs, D)
+        og = self.oh[a:e].view(g, bs, Dv)
+        if self.fused:
+            vg = torch.index_select(self.vb, 0, idx, out=self.s[: n * bs * Dv].view(n, bs * Dv))
+            kg, vg = kg.view(g, 1, w * bs, D), vg.view(g, 1, w * bs, Dv)
+            if plan.causal:
+                o = F.scaled_dot_product_attention(
+                    qg.flip(1).unsqueeze(1), kg, vg, attn_mask=self._mask(w), scale=plan.scale
+                )
+                torch.index_select(o.squeeze(1), 1, self.reverse, out=og)
+            else:
+                o = F.scaled_dot_product_attention(qg.unsqueeze(1), kg, vg, scale=plan.scale)
+                og.copy_(o.squeeze(1))
+            return True
+        s = self.s[: g * bs * w * bs].view(g, bs, w * bs)
+        kt = kg.view(g, w * bs, D).transpose(1, 2)
+        torch.baddbmm(s, qg, kt, beta=0.0, alpha=plan.scale, out=s)
+        if plan.tri is not None:  # the diagonal block: kept, and last
+            s.view(g, bs, w, bs)[:, :, w - 1].add_(plan.tri)
+        torch.ops.aten._softmax.out(s, -1, False, out=s)
+        vg = torch.index_select(self.vb, 0, idx, out=self.kv[: n * bs * Dv].view(n, bs * Dv))
+        torch.bmm(s, vg.view(g, w * bs, Dv), out=og)
+        return True
+
+
 # -- forward and backward ----------------------------------------------------------------------
 
 
@@ -447,10 +553,13 @@ def block_sparse_forward(
     ws = _Workspace(
         plan, q.device, {"q": bs * D, "o": bs * Dv, "s*": bs * bs, "kv*": bs * max(D, Dv)}
     )
+    fast = _FastPath(plan, q, k, v, out, selection, ws)
     with torch.no_grad():
         for ch in plan.chunks:
             if ch.width == 0:  # no kept block: the rows are 0
                 _store_rows(plan, ch, out, out.new_zeros(ch.items * bs, Dv))
+                continue
+            if fast.run(ch):
                 continue
             idx3, cnt, idx, tail = _chunk_index(plan, selection, ch)
             # Whole blocks of one head are used in place (q scaled inside the matmul).

@@ -42,8 +42,9 @@ The result is a :class:`BlockSelection`, int32 (the block-table layout block-spa
 kernels take): ``index [B, H, nQ, K]`` of kept key blocks in increasing order (entries
 from ``count`` on are 0 and mean nothing; in causal attention the diagonal block is
 always kept, hence last) and ``count [B, H, nQ]``. Dense ``[N, M]`` scores or masks are
-never built; the block-level logits are ``[B, H, nQ, nK]``, computed a range of query
-blocks at a time.
+never built; the block-level logits (``[B, H, nQ, nK]`` in all) are computed for the
+query heads of one kv head of one batch row and a range of query blocks at a time, so
+the selection's temporaries stay far below the kernel's.
 """
 
 from __future__ import annotations
@@ -67,10 +68,14 @@ __all__ = [
 
 PATTERNS = ("dynamic", "a-shape", "radial")
 
-# Elements of the temporaries of select_blocks: block logits ([B, H, rows, nK]) and
-# weighted rows pooled at once ([B, H, rows, D]). Small, so that the selection adds
-# little to the peak memory of a call and its freed buffers are reused by the kernel.
+# Elements of the temporaries of select_blocks: block logits ([Hg, rows, nK], one kv head
+# group of one batch row at a time) and weighted rows pooled at once ([B, H, rows, D]).
+# Small, so that the selection adds little to the peak memory of a call and its freed
+# buffers are reused by the kernel.
 _MAX_ELEMENTS = 1 << 16
+# The threshold rule sorts whole rows (values and int64 order, their cumulative mass):
+# its row ranges are this much shorter, so that its temporaries stay as small.
+_SORT_SHARE = 8
 
 
 def _is_int(value: object) -> bool:
@@ -207,6 +212,33 @@ def pattern_blocks(
     return kept & allowed, allowed
 
 
+def _dynamic_masks(
+    layout: BlockLayout,
+    rows: tuple[int, int],
+    *,
+    causal: bool,
+    local_blocks: int,
+    sink_blocks: int,
+    device: torch.device | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``pattern_blocks(pattern="dynamic")`` for the query blocks ``rows`` as diagonal
+    bands of a bool ``[n, nK]`` (no int64 ``[n, nK]`` distances); ``allowed`` is None
+    when every block is (bidirectional attention)."""
+    j0, j1 = rows
+    r0 = layout.first_block + j0  # row-position block of query block j0
+    ones = torch.ones(j1 - j0, layout.num_k_blocks, dtype=torch.bool, device=device)
+    # Entry (i, c) has d = r0 + i - c: ``triu(t)`` keeps c - i >= t, ``tril(t)`` c - i <= t.
+    forced = ones.triu(r0 - local_blocks + 1)  # d < local_blocks
+    if causal:
+        allowed = ones.tril_(r0)  # d >= 0
+        forced &= allowed
+        forced[:, :sink_blocks] |= allowed[:, :sink_blocks]
+        return forced, allowed
+    forced.tril_(r0 + local_blocks - 1)  # -d < local_blocks
+    forced[:, :sink_blocks] = True
+    return forced, None
+
+
 def kept_blocks(selection: BlockSelection, num_k_blocks: int) -> torch.Tensor:
     """Bool ``[B, H, nQ, nK]``: True where key block ``c`` is kept for a query block."""
     index, count = selection
@@ -314,30 +346,41 @@ def _sorted_slots(idx: torch.Tensor, keep: torch.Tensor, nk: int) -> BlockSelect
     return BlockSelection(torch.where(key < nk, key, 0).int(), count.int())
 
 
-def _select_rows(logits, forced, allowed, topk, threshold) -> BlockSelection:
-    """Dynamic selection for one range of query blocks; ``logits [B, H, n, nK]``."""
+def _select_rows(
+    logits, forced, allowed, topk, threshold, *, overwrite: bool = False
+) -> BlockSelection:
+    """Dynamic selection for one range of query blocks; ``logits [B, H, n, nK]``.
+
+    ``allowed`` None: every block is allowed. ``overwrite``: ``logits`` may be used as
+    scratch (saves copies of it)."""
     nk = logits.shape[-1]
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    fill = torch.Tensor.masked_fill_ if overwrite else torch.Tensor.masked_fill
+    if allowed is not None:
+        logits = fill(logits, ~allowed, float("-inf"))
     if topk is not None:
         nforced = forced.sum(dim=-1)  # [n]
         budget = torch.clamp(nforced, min=topk)
         width = min(nk, int(budget.max()))
-        ranked = logits.masked_fill(forced, float("inf"))
+        ranked = fill(logits, forced, float("inf"))
         vals, idx = ranked.topk(width, dim=-1)
         slot = torch.arange(width, device=logits.device)
         keep = (slot < budget[:, None]) & (vals > float("-inf"))
         return _sorted_slots(idx, keep, nk)
     p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows without a finite logit
     forced_mass = (p * forced).sum(dim=-1, keepdim=True)
-    cand = logits.masked_fill(forced, float("-inf"))
+    cand = fill(logits, forced, float("-inf"))
     vals, order = cand.sort(dim=-1, descending=True)
     keep = vals > float("-inf")
+    del vals, cand, logits
     if threshold < 1.0:
         ps = p.gather(-1, order)
-        before = ps.cumsum(dim=-1) - ps  # mass of the candidates ranked above
-        keep &= (forced_mass + before) < threshold
+        before = ps.cumsum(dim=-1).sub_(ps)  # mass of the candidates ranked above
+        del ps
+        keep &= before.add_(forced_mass) < threshold
+        del before
+    del p
     kept = torch.zeros_like(keep).scatter_(-1, order, keep) | forced
-    idx = torch.arange(nk, device=logits.device).expand(kept.shape)
+    idx = torch.arange(nk, device=kept.device).expand(kept.shape)
     return _sorted_slots(idx, kept, nk)
 
 
@@ -382,29 +425,101 @@ def select_blocks(
     geo = dict(causal=causal, local_blocks=local_blocks, sink_blocks=sink_blocks, device=dev)
     with torch.no_grad():
         if pattern != "dynamic" or nq == 0 or nk == 0:
-            kept, _ = pattern_blocks(layout, pattern=pattern, **geo)
-            idx = torch.arange(nk, device=dev).expand(kept.shape)
-            sel = _sorted_slots(idx, kept, nk)
-            return BlockSelection(
-                sel.index.expand(B, H, *sel.index.shape),
-                sel.count.expand(B, H, *sel.count.shape),
-            )
-        pk, logn = _pooled_keys(k, kv_mask, layout, H)
-        step = max(1, _MAX_ELEMENTS // max(1, B * H * nk))
-        parts = []
-        for j0 in range(0, nq, step):
-            j1 = min(nq, j0 + step)
-            forced, allowed = pattern_blocks(layout, pattern="dynamic", rows=(j0, j1), **geo)
-            pq = _pooled_queries(q, layout, j0, j1)
-            logits = _block_logits(pq, pk, logn, scale)
-            parts.append(_select_rows(logits, forced, allowed, topk, threshold))
-        if len(parts) == 1:
-            return parts[0]
-        width = max(p.index.shape[-1] for p in parts)
+            return _static_blocks(layout, B, H, pattern=pattern, **geo)
+        return _dynamic_blocks(q, k, kv_mask, layout, scale, topk, threshold, geo)
+
+
+def _static_blocks(layout: BlockLayout, B: int, H: int, *, pattern: str, **geo) -> BlockSelection:
+    """A static pattern's selection, a range of query blocks at a time, expanded over
+    batch and heads."""
+    nq, nk = layout.num_q_blocks, layout.num_k_blocks
+    step = max(1, _MAX_ELEMENTS // (_SORT_SHARE * max(1, nk)))
+    parts = []
+    for j0 in range(0, max(nq, 1), step):
+        rows = (j0, min(nq, j0 + step))
+        kept, _ = pattern_blocks(layout, pattern=pattern, rows=rows, **geo)
+        idx = torch.arange(nk, device=geo["device"]).expand(kept.shape)
+        parts.append(_sorted_slots(idx, kept, nk))
+    index, count = _concat_rows(parts, nq, geo["device"])
+    return BlockSelection(index.expand(B, H, *index.shape), count.expand(B, H, *count.shape))
+
+
+def _concat_rows(parts: list[BlockSelection], nq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ranges ``[..., n_i, w_i]`` stacked along the query blocks, padded with 0."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.index.shape[-1] for p in parts)
+    lead = parts[0].index.shape[:-2]
+    index = torch.zeros(*lead, nq, width, dtype=torch.int32, device=device)
+    j0 = 0
+    for p in parts:
+        n, w = p.index.shape[-2], p.index.shape[-1]
+        index[..., j0 : j0 + n, :w] = p.index
+        j0 += n
+    return index, torch.cat([p.count for p in parts], dim=-1)
+
+
+def _dynamic_blocks(q, k, kv_mask, layout: BlockLayout, scale, topk, threshold, geo):
+    """Dynamic selection, one kv head group of one batch row and a range of query blocks
+    at a time (pooled keys, logits and the sort of one group only: small temporaries)."""
+    B, H, _, _ = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    R = H // Hkv
+    nq, nk = layout.num_q_blocks, layout.num_k_blocks
+    dev = q.device
+    km = None if kv_mask is None else _mask3(kv_mask, B, H, M)  # [B|1, H|1, M]
+    per_row = R * nk * (1 if topk is not None else _SORT_SHARE)
+    step = max(1, _MAX_ELEMENTS // per_row)
+    ranges = [(j0, min(nq, j0 + step)) for j0 in range(0, nq, step)]
+    masks = _dynamic_masks(layout, ranges[0], **geo) if len(ranges) == 1 else None
+    if topk is not None:
+        # The band (both sides when bidirectional) and the sinks bound the forced blocks.
+        band = local_blocks = geo["local_blocks"]
+        if not geo["causal"]:
+            band = 2 * local_blocks - 1
+        width = min(nk, max(topk, band + geo["sink_blocks"]))
         index = torch.zeros(B, H, nq, width, dtype=torch.int32, device=dev)
-        j0 = 0
-        for p in parts:
-            n, w = p.index.shape[2], p.index.shape[3]
-            index[:, :, j0 : j0 + n, :w] = p.index
-            j0 += n
-        return BlockSelection(index, torch.cat([p.count for p in parts], dim=2))
+        count = torch.zeros(B, H, nq, dtype=torch.int32, device=dev)
+    else:
+        groups = []
+    for b in range(B):
+        for hk in range(Hkv):
+            h0, h1 = hk * R, hk * R + R
+            kmg = None
+            if km is not None:
+                bm = b if km.shape[0] > 1 else 0
+                hs = slice(h0, h1) if km.shape[1] > 1 else slice(0, 1)
+                kmg = km[bm : bm + 1, hs]
+            pk, logn = _pooled_keys(k[b : b + 1, hk : hk + 1], kmg, layout, R)
+            parts = []
+            for rows in ranges:
+                if masks is None:
+                    forced, allowed = _dynamic_masks(layout, rows, **geo)
+                else:
+                    forced, allowed = masks
+                pq = _pooled_queries(q[b : b + 1, h0:h1], layout, *rows)
+                logits = _block_logits(pq, pk, logn, scale)  # [1, R, n, nK]
+                del pq
+                sel = _select_rows(logits, forced, allowed, topk, threshold, overwrite=True)
+                del logits
+                if topk is not None:
+                    w = sel.index.shape[-1]
+                    index[b, h0:h1, rows[0] : rows[1], :w] = sel.index[0]
+                    count[b, h0:h1, rows[0] : rows[1]] = sel.count[0]
+                else:
+                    parts.append(BlockSelection(sel.index[0], sel.count[0]))
+            if topk is None:
+                groups.append(_concat_rows(parts, nq, dev))  # [R, nq, w], [R, nq]
+    if topk is None:
+        width = max(g[0].shape[-1] for g in groups)
+        index = torch.zeros(B, H, nq, width, dtype=torch.int32, device=dev)
+        count = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
+        for i, (gi, gc) in enumerate(groups):
+            b, hk = divmod(i, Hkv)
+            index[b, hk * R : hk * R + R, :, : gi.shape[-1]] = gi
+            count[b, hk * R : hk * R + R] = gc
+        del groups
+    used = int(count.max()) if count.numel() else 0
+    if used < index.shape[-1]:
+        index = index[..., :used].contiguous()
+    return BlockSelection(index, count)
