@@ -240,10 +240,10 @@ def test_finetune_merges_lora_into_attention_projections(model):
 _SCRIPT = textwrap.dedent(
     """
     import os, sys, time, torch
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {repo!r})  # not tests/: its kernels/ would shadow the `kernels` package
     import attnopt
     from attnopt.distill import distill
-    from test_distill import _tokens
+    from tests.test_distill import _tokens
     torch.set_num_threads(int(os.environ["THREADS"]))
     model = attnopt.zoo.tiny_model("tiny-llama")
     fast = attnopt.optimize(model, attnopt.Linear(feature_map="hedgehog"), measure=False)
@@ -259,7 +259,7 @@ _SCRIPT = textwrap.dedent(
 
 def _script(tmp_path: Path) -> Path:
     path = tmp_path / "run_distill.py"
-    path.write_text(_SCRIPT.format(tests=str(REPO / "tests")))
+    path.write_text(_SCRIPT.format(repo=str(REPO)))
     return path
 
 
