@@ -28,8 +28,9 @@ fp16/bf16 inputs are computed in fp32 group by group.
 
 Inference (no autograd, no decay) takes a leaner path: buffers allocated once per
 call, the numerator written straight into the output's rows and divided there, the
-normaliser kept as its own vector instead of a ``[v, 1]`` column, and the chunk
-states of a group made running by an in-place cumulative sum.
+normaliser kept as its own vector instead of a ``[v, 1]`` column, and the state
+each chunk of a group starts from taken from one ``[g+1, g]`` matmul over the
+chunks' own states.
 
 Autograd: :func:`linear_forward` with ``differentiable=True`` uses only
 out-of-place ops and assembles the output by concatenation, so ``torch.func.vjp``
@@ -88,7 +89,8 @@ def linear_attention_chunked(
         chunk: positions per chunk of the causal kernel (the result does not depend
             on it beyond rounding).
         max_elements: numbers per group temporary, which bounds the extra memory;
-            default ``2**15`` with autograd, ``2**16`` without (preallocated buffers).
+            default ``2**15`` with autograd or decay, ``2**16`` otherwise (inference,
+            whose buffers are preallocated).
 
     Returns:
         ``[B, H, N, Dv]`` in ``q.dtype``.
@@ -337,30 +339,31 @@ def keys_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(φ(k) [R|1, L, F], [v, 1] [L, Dv+1])`` of key positions ``[lo, hi)``; keys that
     do not exist, are padding, or lie before ``first_key`` have ``φ = 0``."""
-    kf, vr = keys_plain(plan, hg, lo, hi, first_key)
-    return kf, torch.cat([vr, vr.new_ones(vr.shape[0], 1)], dim=-1)
-
-
-def keys_plain(
-    plan: Plan, hg: HeadGroup, lo: int, hi: int, first_key: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(φ(k) [R|1, L, F], v [L, Dv])`` of key positions ``[lo, hi)`` (compute dtype;
-    ``v`` is a view when it can be), absent keys with ``φ = 0`` as in :func:`keys_at`."""
     ct = plan.ct
     kr = take_rows(hg.k, lo, hi).to(ct)
     kf = apply_feature_map(
         kr, plan.feature_map, weight=hg.k_weight, bias=hg.k_bias, scale=plan.scale
     ).unsqueeze(0)  # [1, L, F]
     vr = take_rows(hg.v, lo, hi).to(ct)
+    va = torch.cat([vr, vr.new_ones(vr.shape[0], 1)], dim=-1)  # [L, Dv+1]
+    valid = _valid_keys(plan, hg, lo, hi, first_key)
+    if valid is not None and not bool(valid.all()):
+        kf = kf * valid.unsqueeze(-1).to(ct)
+    return kf, va
+
+
+def _valid_keys(
+    plan: Plan, hg: HeadGroup, lo: int, hi: int, first_key: int = 0
+) -> torch.Tensor | None:
+    """Bool ``[R|1, L]``: which of key positions ``[lo, hi)`` exist (in ``[first_key,
+    M)``, ``first_key`` at least 0) and are not padding; None when all are."""
     if hg.key_mask is None and lo >= max(first_key, 0) and hi <= plan.M:
-        return kf, vr  # every key exists and counts
-    pos = torch.arange(lo, hi, device=kr.device)
+        return None
+    pos = torch.arange(lo, hi, device=hg.k.device)
     valid = ((pos >= max(first_key, 0)) & (pos < plan.M))[None, :]  # [1, L]
     if hg.key_mask is not None:
         valid = valid & take_rows(hg.key_mask.unsqueeze(-1), lo, hi).squeeze(-1)
-    if not bool(valid.all()):
-        kf = kf * valid.unsqueeze(-1).to(ct)
-    return kf, vr
+    return valid
 
 
 # -- bidirectional ------------------------------------------------------------------------------
@@ -574,13 +577,10 @@ def _keys_into(plan: Plan, hg: HeadGroup, ws: _Workspace, lo: int, hi: int):
     kf = ws.kphi[:, :L]
     _phi_into(plan, hg, kr.expand(kf.shape[0], -1, -1), kf, ws.scratch(kf), query=False)
     vr = take_rows(hg.v, lo, hi).to(ct)
-    if hg.key_mask is None and lo >= 0 and hi <= plan.M:
-        return kf, vr
-    pos = torch.arange(lo, hi, device=kr.device)
-    valid = ((pos >= 0) & (pos < plan.M))[None, :]
-    if hg.key_mask is not None:
-        valid = valid & take_rows(hg.key_mask.unsqueeze(-1), lo, hi).squeeze(-1)
-    return kf.mul_(valid.unsqueeze(-1).to(ct)), vr
+    valid = _valid_keys(plan, hg, lo, hi)
+    if valid is not None:
+        kf.mul_(valid.unsqueeze(-1).to(ct))
+    return kf, vr
 
 
 def _bidirectional_into(plan: Plan, hg: HeadGroup, dest: torch.Tensor, eps: float) -> None:
