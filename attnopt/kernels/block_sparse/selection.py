@@ -192,6 +192,16 @@ def pattern_blocks(
     static pattern keeps (for ``"dynamic"``: the forced ones) and the blocks causality
     allows."""
     j0, j1 = rows if rows is not None else (0, layout.num_q_blocks)
+    if pattern != "radial":  # the local band and the sinks
+        kept, allowed = _dynamic_masks(
+            layout,
+            (j0, j1),
+            causal=causal,
+            local_blocks=local_blocks,
+            sink_blocks=sink_blocks,
+            device=device,
+        )
+        return kept, torch.ones_like(kept) if allowed is None else allowed
     r = torch.arange(layout.first_block + j0, layout.first_block + j1, device=device)[:, None]
     c = torch.arange(layout.num_k_blocks, device=device)[None, :]
     d = r - c
@@ -221,7 +231,8 @@ def _dynamic_masks(
     sink_blocks: int,
     device: torch.device | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``pattern_blocks(pattern="dynamic")`` for the query blocks ``rows`` as diagonal
+    """The local band and sink blocks (what ``"a-shape"`` keeps and ``"dynamic"``
+    forces) of the query blocks ``rows``, and the blocks causality allows, as diagonal
     bands of a bool ``[n, nK]`` (no int64 ``[n, nK]`` distances); ``allowed`` is None
     when every block is (bidirectional attention)."""
     j0, j1 = rows
