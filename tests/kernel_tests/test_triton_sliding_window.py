@@ -1,7 +1,7 @@
 """Sliding-window Triton kernels (forward and backward) against the PyTorch reference.
 
 Metric: elementwise ``|out - ref| <= atol + rtol * |ref|`` with the one table of
-``tests/kernels/triton_support.py``; ``ref`` is the fp32 reference on the same (already
+``tests/kernel_tests/triton_support.py``; ``ref`` is the fp32 reference on the same (already
 rounded) inputs, gradients are autograd through it. Outputs and gradients are filled
 with NaN before each launch, so an element a kernel never writes fails the check.
 """
@@ -13,7 +13,7 @@ import torch
 
 from attnopt.kernels.sliding_window import op as sw_op
 from attnopt.kernels.sliding_window.reference import sliding_window_attention_reference
-from tests.kernels.triton_support import assert_close, interpreter_dtype, triton_devices
+from tests.kernel_tests.triton_support import assert_close, interpreter_dtype, triton_devices
 
 tsw = pytest.importorskip("attnopt.kernels.sliding_window.triton_sliding_window")
 

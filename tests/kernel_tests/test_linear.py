@@ -33,7 +33,7 @@ from attnopt.kernels.linear import (
 from attnopt.kernels.linear.feature_maps import orthogonal_gaussian
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
-from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
+from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
 from tests.test_models import _inputs, _main
 
 TOLERANCE = KERNEL_TOLERANCE["linear"]

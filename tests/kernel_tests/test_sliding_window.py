@@ -22,7 +22,7 @@ from attnopt.kernels.sliding_window import (
     sliding_window_attention_reference,
 )
 from attnopt.site import AttentionSite, MaskKind
-from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
+from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
 
 TOLERANCE = KERNEL_TOLERANCE["sliding_window"]
 

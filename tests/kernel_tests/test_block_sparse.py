@@ -30,7 +30,7 @@ from attnopt.kernels.block_sparse.selection import kept_blocks
 from attnopt.kernels.dense.reference import dense_attention_reference
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
-from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
+from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
 
 TOLERANCE = KERNEL_TOLERANCE["block_sparse"]
 

@@ -18,7 +18,7 @@ import torch
 from attnopt.kernels._triton import triton_available
 from attnopt.kernels.linear.feature_maps import apply_feature_map, orthogonal_gaussian
 from attnopt.kernels.linear.reference import linear_attention_reference
-from tests.kernels.triton_support import assert_close, interpreter_dtype, triton_devices
+from tests.kernel_tests.triton_support import assert_close, interpreter_dtype, triton_devices
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
 

@@ -32,7 +32,7 @@ from attnopt.kernels.neighborhood import (
 from attnopt.kernels.neighborhood.reference import neighborhood_visible
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
-from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
+from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
 
 TOLERANCE = KERNEL_TOLERANCE["neighborhood"]
 

@@ -28,8 +28,8 @@ from attnopt.kernels.hybrid import Hybrid, hybrid_attention_blockwise, hybrid_at
 from attnopt.kernels.linear.feature_maps import FeatureMapParameters
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
-from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
-from tests.kernels.test_linear import MAPS, feature_tensors, naive_phi
+from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
+from tests.kernel_tests.test_linear import MAPS, feature_tensors, naive_phi
 from tests.test_models import _assert_close, _inputs
 
 TOLERANCE = KERNEL_TOLERANCE["hybrid"]

@@ -27,7 +27,7 @@ from attnopt.kernels import get_variant
 from attnopt.kernels.agent import Agent, agent_attention_pooled, agent_attention_reference
 from attnopt.site import AttentionSite, MaskKind
 from attnopt.zoo import tiny_model
-from tests.kernels.cpu_support import KERNEL_TOLERANCE, assert_matches
+from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
 
 TOLERANCE = KERNEL_TOLERANCE["agent"]
 

@@ -3,7 +3,7 @@ against the dense reference, and against sliding-window attention through a cach
 holds only the sinks and the window.
 
 Metric: elementwise ``|out - ref| <= atol + rtol * |ref|`` with the one table of
-``tests/kernels/triton_support.py``; ``ref`` is the fp32 reference on the same (already
+``tests/kernel_tests/triton_support.py``; ``ref`` is the fp32 reference on the same (already
 rounded) inputs. Outputs are filled with NaN before each launch.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from attnopt.kernels.dense.reference import dense_attention_reference
 from attnopt.kernels.sliding_window.reference import sliding_window_attention_reference
-from tests.kernels.triton_support import assert_close, interpreter_dtype, triton_devices
+from tests.kernel_tests.triton_support import assert_close, interpreter_dtype, triton_devices
 
 tdec = pytest.importorskip("attnopt.kernels.sliding_window.triton_decode")
 

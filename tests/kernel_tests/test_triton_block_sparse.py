@@ -21,7 +21,7 @@ from attnopt.kernels.block_sparse.gather import block_sparse_forward
 from attnopt.kernels.block_sparse.reference import block_sparse_visible
 from attnopt.kernels.block_sparse.selection import BlockSelection, kept_blocks
 from attnopt.kernels.dense.reference import masked_attention
-from tests.kernels.triton_support import assert_close, interpreter_dtype, triton_devices
+from tests.kernel_tests.triton_support import assert_close, interpreter_dtype, triton_devices
 
 tbs = pytest.importorskip("attnopt.kernels.block_sparse.triton_block_sparse")
 tsel = pytest.importorskip("attnopt.kernels.block_sparse.triton_selection")
