@@ -22,6 +22,7 @@ from attnopt.capture import (
     example_inputs_for,
     grid_from_config,
     is_hf_model,
+    window_from_module,
 )
 from attnopt.config import AttentionConfig, Policy, check_policy, matches, resolve_policy
 from attnopt.passes.canonicalize_attention import canonicalize_attention
@@ -43,7 +44,20 @@ def _sites_of(captured: Captured, model: nn.Module) -> list[AttentionSite]:
     grid = grid_from_config(model)
     for site in sites:
         site.grid = grid
+        _declared_window(site, model)
     return sites
+
+
+def _declared_window(site: AttentionSite, model: nn.Module) -> None:
+    """Give a causal site the sliding window its layer declares when the example was
+    too short to show it in the mask (a window the mask shows is already set; one the
+    mask contradicts, or a site with no mask at all, is not the layer's real one)."""
+    if site.window is not None or not site.mask.causal:
+        return
+    seen = getattr(site.plan, "mask_keys", None)
+    window = window_from_module(model, site.name)
+    if window is not None and seen is not None and seen <= window:
+        site.window = window
 
 
 def find_attention(model: nn.Module, example_inputs: Any = None) -> list[AttentionSite]:
@@ -60,7 +74,15 @@ def find_attention(model: nn.Module, example_inputs: Any = None) -> list[Attenti
         >>> [s.name for s in attnopt.find_attention(model)]
         ['model.layers.0.self_attn', 'model.layers.1.self_attn']
     """
+    if example_inputs is None:
+        example_inputs = example_inputs_for(model)
+    if _takes_use_cache(model) and isinstance(example_inputs, dict):
+        example_inputs = {**example_inputs, "use_cache": False}  # graphs are captured cache-less
     return _sites_of(capture(model, example_inputs), model)
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    return is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters
 
 
 def _selected(site: AttentionSite, layers: LayerSelector) -> bool:
@@ -312,7 +334,7 @@ def optimize(
     call_defaults: dict[str, Any] = {}
     if example_inputs is None:
         example_inputs = example_inputs_for(model)
-    if is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+    if _takes_use_cache(model):
         call_defaults["use_cache"] = False
         if isinstance(example_inputs, dict):
             example_inputs = {**example_inputs, "use_cache": False}

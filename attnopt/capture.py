@@ -34,6 +34,7 @@ __all__ = [
     "capture",
     "example_inputs_for",
     "grid_from_config",
+    "window_from_module",
     "is_hf_model",
 ]
 
@@ -135,6 +136,35 @@ def grid_from_config(model: nn.Module) -> tuple[int, ...] | None:
     if frames and tubelet:
         grid = (frames // (tubelet[0] if isinstance(tubelet, (list, tuple)) else tubelet), *grid)
     return grid
+
+
+def window_from_module(model: nn.Module, name: str) -> int | None:
+    """The sliding window a transformers attention module declares, or None.
+
+    Its ``sliding_window`` attribute when it has one (Qwen2, Gemma: ``None`` on full-
+    attention layers); else its config's: ``layer_types[layer_idx]`` must be
+    ``"sliding_attention"`` when the config lists layer types, and
+    ``use_sliding_window`` must not be False (Mistral has neither: every layer)."""
+    try:
+        module = model.get_submodule(name.split("#", 1)[0]) if name != "<root>" else model
+    except AttributeError:
+        return None
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        config = getattr(module, "config", None)
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", True) is False:
+            return None
+        types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+        if types is not None:
+            if not isinstance(idx, int) or not 0 <= idx < len(types):
+                return None
+            if types[idx] != "sliding_attention":
+                return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        return None
+    return window
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -208,6 +208,7 @@ def _metadata(optimized: nn.Module, model: nn.Module, params_meta: Any) -> dict[
                 "applied": bool(r.applied),
                 "reason": r.reason,
                 "mask": r.site.mask.value,
+                "window": r.site.window,
                 "num_heads": r.site.num_heads,
                 "num_kv_heads": r.site.num_kv_heads,
                 "head_dim": r.site.head_dim,

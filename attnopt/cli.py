@@ -382,7 +382,7 @@ def _site_table(sites: Sequence[Any]) -> str:
             ("cross" if s.cross else "self") + f" ({s.spelling})",
             f"{s.num_heads}/{s.num_kv_heads}",
             s.head_dim,
-            s.mask.value,
+            s.mask_description,
         )
         for s in sites
     ]

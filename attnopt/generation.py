@@ -41,7 +41,7 @@ from attnopt.kernels.block_sparse import BlockSparse
 from attnopt.kernels.dense import Dense
 from attnopt.kernels.hybrid import Hybrid
 from attnopt.kernels.linear import Linear
-from attnopt.kernels.sliding_window import SlidingWindow
+from attnopt.kernels.sliding_window import SlidingWindow, layer_window
 from attnopt.passes.rewrite_attention import site_module_key
 from attnopt.site import MaskKind
 
@@ -177,6 +177,12 @@ def site_plans(optimized: nn.Module) -> list[Any]:
         module = None
         if params is not None and site_module_key(name) in params:
             module = params[site_module_key(name)]
+        if site.window is not None:
+            # A sliding-window layer decodes within its window: left as it was, exactly
+            # SlidingWindow(window); rewritten, only variants that honour the window apply.
+            config = SlidingWindow(site.window) if config is None else config
+            if isinstance(config, SlidingWindow):
+                config = layer_window(config, site)
         plans.append(SitePlan(name=name, site=site, config=config, params=module))
     return plans
 

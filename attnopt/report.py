@@ -92,7 +92,7 @@ class OptimizationReport:
         rows = [
             (
                 s.name,
-                s.site.mask.value,
+                s.site.mask_description,
                 f"{s.site.num_heads}/{s.site.num_kv_heads}",
                 s.variant,
                 "yes" if s.applied else "no",

@@ -60,6 +60,12 @@ class AttentionSite:
         grid: token grid ``(H, W)`` or ``(T, H, W)`` the sequence lays out, when known
             (from the model config, e.g. image and patch size); tokens beyond the grid
             (CLS, registers) come first in the sequence.
+        window: for causal sites of sliding-window layers (Mistral, Gemma, Qwen2 with
+            ``use_sliding_window``, ...): query ``i`` sees only the ``window`` keys
+            ``i − window < j <= i`` (transformers' definition). Found in the mask when
+            the example is longer than the window, else from the layer (its
+            ``sliding_window`` attribute, or its config's ``sliding_window`` and
+            ``layer_types``). ``None``: no window.
     """
 
     name: str
@@ -74,12 +80,20 @@ class AttentionSite:
     cross: bool = False
     dropout: float = 0.0
     grid: tuple[int, ...] | None = None
+    window: int | None = None
     # How to rewrite the site in the graph it was found in (attnopt.passes.find_attention.SitePlan).
     plan: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def causal(self) -> bool:
         return self.mask.causal
+
+    @property
+    def mask_description(self) -> str:
+        """The mask kind, with the sliding window if any: ``"causal+padding, window 4096"``."""
+        if self.window is None:
+            return self.mask.value
+        return f"{self.mask.value}, window {self.window}"
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "plan"}

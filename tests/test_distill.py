@@ -240,7 +240,7 @@ def test_finetune_merges_lora_into_attention_projections(model):
 _SCRIPT = textwrap.dedent(
     """
     import os, sys, time, torch
-    sys.path.insert(0, {repo!r})  # the repo root, so `tests.test_distill` imports as a package module
+    sys.path.insert(0, {repo!r})  # the repo root: `tests.test_distill` imports as a package
     import attnopt
     from attnopt.distill import distill
     from tests.test_distill import _tokens

@@ -77,6 +77,10 @@ class Variant:
     whole additive ``bias`` and ``kv_mask=None``, which only variants with
     ``accepts_bias=True`` may take (``supports`` must refuse the rest).
 
+    Sites of sliding-window layers (``site.window`` set) reach only variants with
+    ``accepts_window=True``, whose ``supports`` and ``build`` must honour the window;
+    for the others the site is left as it was, with the reason.
+
     ``parameters(config, site)``, when given, returns a new ``nn.Module`` holding
     the site's trainable tensors (feature maps, gates); the optimized model owns it
     (so it trains, moves and saves with the model) and ``build`` refers to its
@@ -87,6 +91,7 @@ class Variant:
     supports: Callable[[AttentionConfig, AttentionSite], str | None]
     build: Callable[[AttentionConfig, AttentionSite], OpCall]
     accepts_bias: bool = False
+    accepts_window: bool = False
     parameters: Callable[[AttentionConfig, AttentionSite], Any] | None = None
 
 

@@ -15,7 +15,8 @@ Because the score chain is affine, ``chain(x) = a·x + chain(0)`` wherever no fi
 applies: ``a`` is the site's scale and ``chain(0)`` its additive mask, which the
 rewrite reproduces at run time (:func:`replay_bias`) and discovery classifies by
 evaluating it on the example inputs and on probes with padding
-(:func:`classify_bias`).
+(:func:`classify_bias`). Causal masks of sliding-window layers, whose query ``i``
+sees only keys ``i − W < j <= i``, are recognised as such (:func:`causal_window`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ from attnopt.site import AttentionSite, MaskKind
 
 aten = torch.ops.aten
 
-__all__ = ["MASKED_AT_OR_BELOW", "SitePlan", "classify_bias", "find_attention_sites", "replay_bias"]
+__all__ = [
+    "MASKED_AT_OR_BELOW",
+    "SitePlan",
+    "causal_window",
+    "classify_bias",
+    "find_attention_sites",
+    "keys_present",
+    "replay_bias",
+]
 
 # Additive mask values at or below this are "masked out": exp() of them is 0 in any dtype.
 MASKED_AT_OR_BELOW = -1.0e4
@@ -79,6 +88,7 @@ class SitePlan:
     kv_unrepeat: str | None = None  # how to get [B, Hkv, M, D] from kv_source
     internal: tuple[fx.Node, ...] = ()
     dropout: float = 0.0
+    mask_keys: int | None = None  # keys of the mask as evaluated on the example (None: no mask)
 
 
 def _ref(operands: list, node: Any) -> Any:
@@ -397,11 +407,18 @@ def replay_bias(steps, operands, device=None) -> torch.Tensor:
 
 def last_row_keep(steps, operands) -> torch.Tensor:
     """Keys visible to the last query, ``[..., M]`` bool, computed in O(M) per batch."""
-    sliced = tuple(
-        o[..., -1:, :] if isinstance(o, torch.Tensor) and o.dim() >= 2 and o.shape[-2] != 1 else o
+    return (replay_bias(steps, _query_row(operands, -1)) > MASKED_AT_OR_BELOW).squeeze(-2)
+
+
+def _query_row(operands: tuple, i: int) -> tuple:
+    """The mask operands restricted to query row ``i`` (operands broadcast over rows
+    are left whole)."""
+    return tuple(
+        o[..., i:, :][..., :1, :]
+        if isinstance(o, torch.Tensor) and o.dim() >= 2 and o.shape[-2] != 1
+        else o
         for o in operands
     )
-    return (replay_bias(steps, sliced) > MASKED_AT_OR_BELOW).squeeze(-2)
 
 
 def classify_bias(bias: torch.Tensor, causal_flag: bool) -> MaskKind:
@@ -440,18 +457,103 @@ def classify_bias(bias: torch.Tensor, causal_flag: bool) -> MaskKind:
     return MaskKind.OTHER
 
 
-def _combine(kinds: list[MaskKind]) -> MaskKind:
+def keys_present(steps, operands, n: int, m: int) -> torch.Tensor:
+    """Keys that are not padding, ``[..., M]`` bool, in O(N + M) per batch: key ``j``
+    is present when query row ``j − (M − N)``, the query at its position, sees it (a
+    causal query sees its own key, even in a sliding window); keys before the first
+    query's position as the first query row sees them. For masks where the last row
+    does not see every present key (sliding windows)."""
+    off = m - n
+
+    def diagonal(o: Any) -> Any:
+        if not isinstance(o, torch.Tensor) or o.dim() == 0:
+            return o
+        o = o.reshape((1,) * max(0, 2 - o.dim()) + tuple(o.shape))
+        full = o.expand(*o.shape[:-2], n, m)  # a view: no [N, M] tensor is made
+        return full.diagonal(offset=off, dim1=-2, dim2=-1).unsqueeze(-2)  # [..., 1, N]
+
+    keep = _rows(replay_bias(steps, tuple(diagonal(o) for o in operands)) > MASKED_AT_OR_BELOW)
+    keep = keep.expand(*keep.shape[:-1], n)  # [..., 1, N]
+    if off > 0:
+        before = _rows(replay_bias(steps, _query_row(operands, 0)) > MASKED_AT_OR_BELOW)
+        lead = torch.broadcast_shapes(keep.shape[:-1], before.shape[:-1])
+        before = before.expand(*before.shape[:-1], m)[..., :off]
+        keep = torch.cat([before.expand(*lead, off), keep.expand(*lead, n)], dim=-1)
+    return keep.squeeze(-2)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with at least two dims (leading ones added)."""
+    return x.reshape((1,) * max(0, 2 - x.dim()) + tuple(x.shape))
+
+
+def causal_window(bias: torch.Tensor) -> int | None:
+    """The window ``W`` of an evaluated additive mask that is causal attention limited
+    to a sliding window, query ``i`` seeing keys ``i − W < j <= i`` (minus padding),
+    or None when it is not one (or the window covers every key). Rows of padded
+    queries, and rows that see nothing, are don't-care."""
+    if bias.dim() < 2:
+        return None
+    keep = bias > MASKED_AT_OR_BELOW
+    if bool((torch.where(keep, bias, torch.zeros((), dtype=bias.dtype)).abs() > 1e-6).any()):
+        return None
+    n, m = keep.shape[-2], keep.shape[-1]
+    off = m - n
+    if off < 0:
+        return None
+    q_pos = torch.arange(n, device=keep.device)[:, None] + off
+    k_pos = torch.arange(m, device=keep.device)[None, :]
+    present = keep.diagonal(offset=off, dim1=-2, dim2=-1)  # [..., N]: each query its own key
+    seen = keep.any(-1)
+    if not bool(seen.any()):
+        return None
+    first = torch.where(keep, k_pos, m).amin(-1)  # [..., N] first visible key per row
+    span = torch.where(seen & present, q_pos[:, 0] - first + 1, 0)
+    window = int(span.max())
+    if window >= m or window < 1:
+        return None
+    key_present = torch.cat(
+        [keep[..., :1, :off].expand(*keep.shape[:-2], 1, off).squeeze(-2), present], dim=-1
+    )
+    expected = (k_pos <= q_pos) & (k_pos > q_pos - window) & key_present.unsqueeze(-2)
+    care = present.unsqueeze(-1) & expected.any(-1, keepdim=True)
+    if bool(((keep == expected) | ~care).all()):
+        return window
+    return None
+
+
+def _classify(bias: torch.Tensor, causal_flag: bool) -> tuple[MaskKind, int | None]:
+    """:func:`classify_bias`, and for masks it calls 'other', a causal sliding window:
+    ``(causal or causal+padding, W)``."""
+    kind = classify_bias(bias, causal_flag)
+    if kind is not MaskKind.OTHER:
+        return kind, None
+    window = causal_window(bias)
+    if window is None:
+        return kind, None
+    keep = bias > MASKED_AT_OR_BELOW
+    present = keep.diagonal(offset=keep.shape[-1] - keep.shape[-2], dim1=-2, dim2=-1)
+    padded = not bool(present.all())
+    return (MaskKind.CAUSAL_PADDING if padded else MaskKind.CAUSAL), window
+
+
+def _combine(kinds: list[tuple[MaskKind, int | None]]) -> tuple[MaskKind, int | None]:
+    windows = {w for _, w in kinds}
+    if len(windows) > 1:
+        return MaskKind.OTHER, None
+    window = windows.pop()
+    kinds = [k for k, _ in kinds]
     if MaskKind.BIAS in kinds:
-        return MaskKind.BIAS
+        return MaskKind.BIAS, None
     if MaskKind.OTHER in kinds:
-        return MaskKind.OTHER
+        return MaskKind.OTHER, None
     causal = {k.causal for k in kinds}
     if len(causal) > 1:
-        return MaskKind.OTHER
+        return MaskKind.OTHER, None
     padded = any(k.padding for k in kinds)
     if causal.pop():
-        return MaskKind.CAUSAL_PADDING if padded else MaskKind.CAUSAL
-    return MaskKind.PADDING if padded else MaskKind.NONE
+        return (MaskKind.CAUSAL_PADDING if padded else MaskKind.CAUSAL), window
+    return (MaskKind.PADDING if padded else MaskKind.NONE), None
 
 
 def _probes(inputs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -476,18 +578,22 @@ def _probes(inputs: dict[str, Any]) -> list[dict[str, Any]]:
     return probes
 
 
-def _mask_kinds(gm: fx.GraphModule, plans: list[SitePlan], args, kwargs) -> list[MaskKind]:
+def _mask_kinds(
+    gm: fx.GraphModule, plans: list[SitePlan], args, kwargs
+) -> list[tuple[MaskKind, int | None]]:
     wanted = sorted({o for p in plans for o in p.operands}, key=_order(gm))
     if not wanted:
-        return [MaskKind.CAUSAL if p.causal_flag else MaskKind.NONE for p in plans]
+        return [(MaskKind.CAUSAL if p.causal_flag else MaskKind.NONE, None) for p in plans]
     base = input_values(gm, args, kwargs)
     runs = [base, *_probes(base)]
-    kinds: list[list[MaskKind]] = [[] for _ in plans]
+    kinds: list[list[tuple[MaskKind, int | None]]] = [[] for _ in plans]
     for inputs in runs:
         values = dict(zip(wanted, evaluate(gm, wanted, inputs)))
         for i, p in enumerate(plans):
             bias = replay_bias(p.steps, tuple(values[o] for o in p.operands))
-            kinds[i].append(classify_bias(bias, p.causal_flag))
+            kinds[i].append(_classify(bias, p.causal_flag))
+            if bias.dim() >= 1:
+                p.mask_keys = max(p.mask_keys or 0, int(bias.shape[-1]))
     return [_combine(k) for k in kinds]
 
 
@@ -499,7 +605,10 @@ def _order(gm: fx.GraphModule):
 # -- sites ---------------------------------------------------------------------------------
 
 
-def _site(plan: SitePlan, spelling: str, node: fx.Node, mask: MaskKind) -> AttentionSite:
+def _site(
+    plan: SitePlan, spelling: str, node: fx.Node, mask: tuple[MaskKind, int | None]
+) -> AttentionSite:
+    mask, window = mask
     q, v = val(plan.query), val(plan.value)
     k = val(plan.key)
     n_q = q.shape[-2]
@@ -528,6 +637,7 @@ def _site(plan: SitePlan, spelling: str, node: fx.Node, mask: MaskKind) -> Atten
         value_dim=static_int(v.shape[-1]) or -1,
         scale=None if plan.scale_refs else plan.scale,
         mask=mask,
+        window=window,
         cross=cross,
         dropout=plan.dropout,
         plan=plan,

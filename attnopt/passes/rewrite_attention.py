@@ -21,7 +21,7 @@ from torch import fx
 from attnopt.config import AttentionConfig
 from attnopt.kernels import ParamRef, get_variant
 from attnopt.passes._graph import fake_run, fake_tensor, remove_dead, val
-from attnopt.passes.find_attention import SitePlan, last_row_keep, replay_bias
+from attnopt.passes.find_attention import SitePlan, keys_present, last_row_keep, replay_bias
 from attnopt.site import AttentionSite
 
 __all__ = [
@@ -130,12 +130,17 @@ def site_bias(steps, query, key, value, key_transposed, kv_unrepeat, *operands):
     return _to_op_batch(bias, batch, full=False)
 
 
-def site_kv_mask(steps, query, key, value, key_transposed, kv_unrepeat, *operands):
-    """Keys visible at all, bool ``[B|1, H|1, M]``, from the last query row of the mask."""
+def site_kv_mask(steps, query, key, value, key_transposed, kv_unrepeat, windowed, *operands):
+    """Keys that are not padding, bool ``[B|1, H|1, M]``: those the last query row of
+    the mask sees, or, for a sliding-window mask (``windowed``), those the query at
+    each key's own position sees (the last row sees only its window)."""
     if key_transposed:
         key = key.transpose(-2, -1)
     batch = _batch_shape(query, key, value, kv_unrepeat)
-    keep = last_row_keep(steps, operands)
+    if windowed:
+        keep = keys_present(steps, operands, query.shape[-2], key.shape[-2])
+    else:
+        keep = last_row_keep(steps, operands)
     while keep.dim() < 1:
         keep = keep.unsqueeze(0)
     return _to_op_batch(keep.unsqueeze(-2), batch, full=False).squeeze(-2)
@@ -204,6 +209,13 @@ def _apply(
     structured = site.mask.structured
     if not structured and not variant.accepts_bias:
         return f"{type(config).__name__} cannot honour mask kind {site.mask.value!r}"
+    windowed = site.window is not None
+    if windowed and not variant.accepts_window:
+        return (
+            f"{config.describe()} cannot honour this layer's own sliding window ({site.window} "
+            f"keys per query); site left as it was (SlidingWindow can take it, or leave the "
+            f"layer out of the policy)"
+        )
     graph = gm.graph
     anchor = plan.anchor
     key, value = plan.kv_source if plan.kv_source else (plan.key, plan.value)
@@ -218,7 +230,7 @@ def _apply(
             kv_mask = _insert(
                 graph,
                 site_kv_mask,
-                (plan.steps, plan.query, key, value, *layout, *plan.operands),
+                (plan.steps, plan.query, key, value, *layout, windowed, *plan.operands),
                 anchor,
             )
         elif not structured:

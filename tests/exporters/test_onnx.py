@@ -412,3 +412,42 @@ def test_bad_model_and_path(tiny_sw, tmp_path):
         export_onnx(tiny_sw, tmp_path / "missing" / "x.onnx")
     with pytest.raises(IsADirectoryError, match="is a directory"):
         export_onnx(tiny_sw, tmp_path)
+
+
+def test_sliding_window_layers_export_with_their_window(tmp_path):
+    # A model whose layers have their own window (Mistral sliding_window=8): the padding
+    # mask comes from each key's own query row, and the file keeps the window.
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        attn_implementation="sdpa",
+    )
+    model = transformers.MistralForCausalLM(cfg).eval()
+    optimized = attnopt.optimize(model, attnopt.SlidingWindow(window=8), measure=False)
+    assert [r.site.window for r in optimized.report.applied] == [8, 8]
+    path = str(tmp_path / "mistral.onnx")
+    report = export_onnx(optimized, path)
+    assert report.max_rel < _TOL
+    sites = json.loads(
+        {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}[
+            "attnopt.sites"
+        ]
+    )
+    assert sites["model.layers.0.self_attn"]["window"] == 8
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ids = torch.randint(1, 256, (2, 27), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits  # the original model
+    keep = mask.bool()
+    assert _rel(want[keep], torch.as_tensor(got)[keep]) < _TOL

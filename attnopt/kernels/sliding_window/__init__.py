@@ -23,6 +23,7 @@ from attnopt.site import AttentionSite, MaskKind
 
 __all__ = [
     "SlidingWindow",
+    "layer_window",
     "sliding_window_attention_blockwise",
     "sliding_window_attention_reference",
 ]
@@ -67,7 +68,27 @@ class SlidingWindow(AttentionConfig):
         check_window_args("SlidingWindow", self.window, self.sinks, self.dilation)
 
 
+def layer_window(config: SlidingWindow, site: AttentionSite) -> SlidingWindow:
+    """``config`` on a site whose layer has its own sliding window (``site.window``):
+    the keys both windows show, ``min(window, ceil(site.window / dilation))`` keys at
+    the config's dilation (the model's window holds distances below ``site.window``).
+    ``config`` itself when the site has no window. Sinks cannot be combined with a
+    layer window (:func:`_supports` refuses them)."""
+    if site.window is None:
+        return config
+    fit = -(-site.window // config.dilation)
+    if config.window <= fit:
+        return config
+    return dataclasses.replace(config, window=fit)
+
+
 def _supports(config: AttentionConfig, site: AttentionSite) -> str | None:
+    if site.window is not None and config.sinks:
+        return (
+            f"this layer attends within its own sliding window of {site.window} keys, and "
+            f"sinks would add keys outside it; site left as it was (use sinks=0 for "
+            f"sliding-window layers, e.g. a policy entry for them)"
+        )
     if site.mask in (MaskKind.BIAS, MaskKind.OTHER):
         return (
             f"sliding window cannot honour an additive bias or arbitrary mask "
@@ -83,10 +104,15 @@ def _supports(config: AttentionConfig, site: AttentionSite) -> str | None:
 
 def _build(config: AttentionConfig, site: AttentionSite) -> OpCall:
     assert isinstance(config, SlidingWindow)
+    config = layer_window(config, site)
     return OpCall(
         torch.ops.attnopt.sliding_window_attention.default,
         (float(site.scale), site.causal, config.window, config.sinks, config.dilation),
     )
 
 
-register_variant(Variant(SlidingWindow, supports=_supports, build=_build, accepts_bias=False))
+register_variant(
+    Variant(
+        SlidingWindow, supports=_supports, build=_build, accepts_bias=False, accepts_window=True
+    )
+)
