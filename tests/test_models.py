@@ -192,3 +192,33 @@ def test_new_input_structure_is_captured_again(models):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimized(torch.randint(0, 256, (1, 40)))  # same signature again: no new capture
+
+
+def _quadratic_nodes(graph_module) -> list[str]:
+    """Nodes whose value ends in two equal symbolic sizes: an [N, N] tensor."""
+    out = []
+    for node in graph_module.graph.nodes:
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() >= 2:
+            n, m = v.shape[-2], v.shape[-1]
+            if isinstance(n, torch.SymInt) and str(n) == str(m):
+                out.append(f"{node.name} {tuple(v.shape)}")
+    return out
+
+
+@pytest.mark.parametrize("name,impl", TEXT_CASES)
+def test_no_n_by_n_mask_survives_when_every_site_is_rewritten(models, name, impl):
+    # The [B, 1, N, N] mask transformers builds from attention_mask is dead once every
+    # site reads its key padding from attention_mask itself.
+    model = _model(models, name, impl)
+    fast = attnopt.optimize(model, attnopt.SlidingWindow(4), measure=False)
+    if len(fast.report.applied) != len(fast.report.sites):
+        pytest.skip(f"{name}: some sites keep dense attention (and its mask)")
+    graphs = fast.graphs.values() if isinstance(fast.graphs, dict) else fast.graphs
+    for gm in graphs:
+        assert not _quadratic_nodes(gm), _quadratic_nodes(gm)
+    # ... and the result still honours padding: checked against the masked reference.
+    inputs = _inputs(model, 24, seed=7)
+    ref = _reference_model(model, 4, 0)
+    with torch.no_grad():
+        _assert_close(model, inputs, fast(**inputs), ref(**inputs))

@@ -55,6 +55,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--finetune-loss", choices=["ce", "kl", "ce+kl"], default="ce+kl")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument(
+        "--finetune-attention",
+        action="store_true",
+        help="stage 2 also trains the variant's own parameters (feature maps, gates)",
+    )
     p.add_argument("--attention-ce", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=8, help="over all processes")
     p.add_argument("--seq-len", type=int, default=512)
@@ -156,6 +161,7 @@ def run_distill(args: argparse.Namespace) -> int:
         finetune_lr=args.finetune_lr,
         finetune_loss=args.finetune_loss,
         lora_rank=args.lora_rank,
+        finetune_attention=args.finetune_attention,
         attention_ce=args.attention_ce,
         batch_size=args.batch_size,
         seq_len=args.seq_len,

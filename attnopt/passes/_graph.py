@@ -104,6 +104,20 @@ def remove_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
         if not n.users:
             graph.erase_node(n)
     graph.eliminate_dead_code()
+    # Tensors whose only users are metadata assertions are dead too (e.g. the [N, M] mask
+    # the model built once no site reads it); erase the assertions, then them.
+    while True:
+        checks = [
+            u
+            for n in graph.nodes
+            if n.op != "placeholder" and n.users and not real_users(n)
+            for u in n.users
+        ]
+        if not checks:
+            return
+        for u in checks:
+            graph.erase_node(u)
+        graph.eliminate_dead_code()
 
 
 def extract(gm: fx.GraphModule, outputs: list[fx.Node]) -> fx.GraphModule:

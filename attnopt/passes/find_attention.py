@@ -89,6 +89,10 @@ class SitePlan:
     internal: tuple[fx.Node, ...] = ()
     dropout: float = 0.0
     mask_keys: int | None = None  # keys of the mask as evaluated on the example (None: no mask)
+    # Placeholder whose ``!= 0`` is the site's key padding on the example and every probe
+    # (a [B, M] attention mask), and the rank of the padding as the mask gives it.
+    padding_input: str | None = None
+    padding_rank: int = 0
 
 
 def _ref(operands: list, node: Any) -> Any:
@@ -556,19 +560,20 @@ def _combine(kinds: list[tuple[MaskKind, int | None]]) -> tuple[MaskKind, int | 
     return (MaskKind.PADDING if padded else MaskKind.NONE), None
 
 
+def _looks_like_mask(value: Any) -> bool:
+    """A ``[B, M]`` tensor of 0s and 1s (``M >= 2``): an attention mask, as far as can be told."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[1] < 2:
+        return False
+    return value.numel() > 0 and bool(((value == 0) | (value == 1)).all())
+
+
 def _probes(inputs: dict[str, Any]) -> list[dict[str, Any]]:
     """Copies of the inputs with padding put into anything that looks like an attention mask."""
     probes = []
     for name, value in inputs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.numel() == 0:
-            continue
-        if value.is_floating_point() and not bool(((value == 0) | (value == 1)).all()):
-            continue
-        if not value.is_floating_point() and not bool(((value == 0) | (value == 1)).all()):
+        if not _looks_like_mask(value):
             continue
         b, m = value.shape
-        if m < 2:
-            continue
         pad = max(1, m // 4)
         probed = value.clone()
         probed[0, :pad] = 0  # left padding
@@ -576,6 +581,27 @@ def _probes(inputs: dict[str, Any]) -> list[dict[str, Any]]:
             probed[1, m - pad :] = 0  # right padding
         probes.append({**inputs, name: probed})
     return probes
+
+
+def _padding(plan: SitePlan, operands: tuple, bias: torch.Tensor, window: int | None):
+    """The key padding a structured mask gives, ``[..., M]`` bool (as the rewrite reads it)."""
+    if window is not None:
+        return keys_present(plan.steps, operands, bias.shape[-2], bias.shape[-1])
+    return last_row_keep(plan.steps, operands)
+
+
+def _padding_sources(keep: torch.Tensor, inputs: dict[str, Any], names: set[str]) -> set[str]:
+    """Which of the inputs ``names`` (``[B, M]`` masks) equal ``keep`` (``[B, 1, M]`` or
+    ``[B, M]``) as ``!= 0``."""
+    out = set()
+    for name in names:
+        mask = inputs[name]
+        if keep.dim() not in (2, 3) or (keep.dim() == 3 and keep.shape[1] != 1):
+            continue
+        flat = keep.reshape(keep.shape[0], keep.shape[-1])
+        if flat.shape == mask.shape and bool((flat == (mask != 0)).all()):
+            out.add(name)
+    return out
 
 
 def _mask_kinds(
@@ -586,14 +612,28 @@ def _mask_kinds(
         return [(MaskKind.CAUSAL if p.causal_flag else MaskKind.NONE, None) for p in plans]
     base = input_values(gm, args, kwargs)
     runs = [base, *_probes(base)]
+    masks = {name for name, value in base.items() if _looks_like_mask(value)}
+    sources: list[set[str]] = [set(masks) for _ in plans]
+    ranks: list[int] = [0 for _ in plans]
     kinds: list[list[tuple[MaskKind, int | None]]] = [[] for _ in plans]
     for inputs in runs:
         values = dict(zip(wanted, evaluate(gm, wanted, inputs)))
         for i, p in enumerate(plans):
-            bias = replay_bias(p.steps, tuple(values[o] for o in p.operands))
-            kinds[i].append(_classify(bias, p.causal_flag))
+            operands = tuple(values[o] for o in p.operands)
+            bias = replay_bias(p.steps, operands)
+            kind, window = _classify(bias, p.causal_flag)
+            kinds[i].append((kind, window))
             if bias.dim() >= 1:
                 p.mask_keys = max(p.mask_keys or 0, int(bias.shape[-1]))
+            if sources[i] and kind.structured and bias.dim() >= 2:
+                keep = _padding(p, operands, bias, window)
+                ranks[i] = keep.dim()
+                sources[i] &= _padding_sources(keep, inputs, sources[i])
+            else:
+                sources[i] = set()
+    for p, found, rank in zip(plans, sources, ranks):
+        p.padding_input = min(found) if found else None
+        p.padding_rank = rank
     return [_combine(k) for k in kinds]
 
 

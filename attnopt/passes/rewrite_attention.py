@@ -31,6 +31,7 @@ __all__ = [
     "rewrite_attention",
     "site_bias",
     "site_kv_mask",
+    "site_kv_mask_from_input",
     "site_module_key",
 ]
 
@@ -146,6 +147,18 @@ def site_kv_mask(steps, query, key, value, key_transposed, kv_unrepeat, windowed
     return _to_op_batch(keep.unsqueeze(-2), batch, full=False).squeeze(-2)
 
 
+def site_kv_mask_from_input(mask, rank, query, key, value, key_transposed, kv_unrepeat):
+    """:func:`site_kv_mask` read straight from the model's ``[B, M]`` attention-mask input
+    (``!= 0``), when discovery found the two equal: no ``[N, M]`` mask is built."""
+    if key_transposed:
+        key = key.transpose(-2, -1)
+    batch = _batch_shape(query, key, value, kv_unrepeat)
+    keep = mask != 0
+    if rank == 3:
+        keep = keep.unsqueeze(1)
+    return _to_op_batch(keep.unsqueeze(-2), batch, full=False).squeeze(-2)
+
+
 # -- the pass ---------------------------------------------------------------------------------
 
 
@@ -156,6 +169,12 @@ def _insert(graph: fx.Graph, target, args: tuple, like: fx.Node) -> fx.Node:
         if key in like.meta:
             node.meta[key] = like.meta[key]
     return node
+
+
+def _placeholder(graph: fx.Graph, name: str | None) -> fx.Node | None:
+    if name is None:
+        return None
+    return next((n for n in graph.nodes if n.op == "placeholder" and n.name == name), None)
 
 
 def _generic_reason(site: AttentionSite, plan: SitePlan) -> str | None:
@@ -226,7 +245,17 @@ def _apply(
         qkv = _insert(graph, prepare_qkv, (plan.query, key, value, scale_nodes, *layout), anchor)
         q, k, v = (_insert(graph, operator.getitem, (qkv, i), anchor) for i in range(3))
         kv_mask = bias = None
-        if structured and site.mask.padding:
+        source = _placeholder(graph, plan.padding_input)
+        if structured and site.mask.padding and source is not None:
+            # From the [B, M] input: the [N, M] mask the model builds goes dead with its
+            # last user (only rewritten sites: dense ones still read it).
+            kv_mask = _insert(
+                graph,
+                site_kv_mask_from_input,
+                (source, plan.padding_rank, plan.query, key, value, *layout),
+                anchor,
+            )
+        elif structured and site.mask.padding:
             kv_mask = _insert(
                 graph,
                 site_kv_mask,
