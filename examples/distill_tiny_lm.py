@@ -35,10 +35,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("runs/tiny-lm"))
     parser.add_argument("--windows", type=int, default=64, help="held-out sequences")
     parser.add_argument("--steps", type=int, default=300, help="stage 1 steps")
-    parser.add_argument("--finetune-steps", type=int, default=300, help="stage 2 steps")
+    parser.add_argument("--finetune-steps", type=int, default=600, help="stage 2 steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-lr", type=float, default=3e-3)
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument(
+        "--finetune-attention",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stage 2 also trains the Hedgehog feature maps (default: on)",
+    )
     parser.add_argument("--variants", default="hybrid,linear", help="comma-separated")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resumable runs")
     args = parser.parse_args(argv)
@@ -92,13 +99,16 @@ def main(argv: list[str] | None = None) -> None:
                 stage="finetune",
                 steps=args.finetune_steps,
                 checkpoint_dir=ckpt,
+                lora_rank=args.lora_rank,
+                finetune_attention=args.finetune_attention,
                 **common,
             )
             print(r2, file=sys.stderr)
             rows.append(
                 (
                     label,
-                    f"+ stage 2 ({args.finetune_steps} LoRA steps)",
+                    f"+ stage 2 ({args.finetune_steps} steps, LoRA rank {args.lora_rank}"
+                    + (" + feature maps)" if args.finetune_attention else ")"),
                     r2.perplexity_after,
                     time.perf_counter() - t0,
                 )
