@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("runs/tiny-lm"))
     parser.add_argument("--windows", type=int, default=64, help="held-out sequences")
     parser.add_argument("--steps", type=int, default=300, help="stage 1 steps")
-    parser.add_argument("--finetune-steps", type=int, default=600, help="stage 2 steps")
+    parser.add_argument("--finetune-steps", type=int, default=900, help="stage 2 steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
-    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument(
         "--finetune-attention",
         action=argparse.BooleanOptionalAction,
