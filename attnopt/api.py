@@ -74,15 +74,21 @@ def find_attention(model: nn.Module, example_inputs: Any = None) -> list[Attenti
         >>> [s.name for s in attnopt.find_attention(model)]
         ['model.layers.0.self_attn', 'model.layers.1.self_attn']
     """
-    if example_inputs is None:
-        example_inputs = example_inputs_for(model)
-    if _takes_use_cache(model) and isinstance(example_inputs, dict):
-        example_inputs = {**example_inputs, "use_cache": False}  # graphs are captured cache-less
-    return _sites_of(capture(model, example_inputs), model)
+    return _sites_of(capture(model, _cacheless(model, example_inputs)), model)
 
 
 def _takes_use_cache(model: nn.Module) -> bool:
     return is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters
+
+
+def _cacheless(model: nn.Module, example_inputs: Any) -> Any:
+    """The inputs to capture with: synthesised when None, and ``use_cache=False`` added
+    for transformers models (graphs are captured without a cache)."""
+    if example_inputs is None:
+        example_inputs = example_inputs_for(model)
+    if _takes_use_cache(model) and isinstance(example_inputs, dict):
+        example_inputs = {**example_inputs, "use_cache": False}
+    return example_inputs
 
 
 def _selected(site: AttentionSite, layers: LayerSelector) -> bool:
@@ -331,13 +337,8 @@ def optimize(
     """
     check_policy(config)
     _check_layers(layers)
-    call_defaults: dict[str, Any] = {}
-    if example_inputs is None:
-        example_inputs = example_inputs_for(model)
-    if _takes_use_cache(model):
-        call_defaults["use_cache"] = False
-        if isinstance(example_inputs, dict):
-            example_inputs = {**example_inputs, "use_cache": False}
+    call_defaults: dict[str, Any] = {"use_cache": False} if _takes_use_cache(model) else {}
+    example_inputs = _cacheless(model, example_inputs)
     captured = capture(model, example_inputs)
     sites = _sites_of(captured, model)
     if not sites:

@@ -34,8 +34,8 @@ __all__ = [
     "capture",
     "example_inputs_for",
     "grid_from_config",
-    "window_from_module",
     "is_hf_model",
+    "window_from_module",
 ]
 
 

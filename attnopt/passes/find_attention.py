@@ -496,6 +496,12 @@ def causal_window(bias: torch.Tensor) -> int | None:
     to a sliding window, query ``i`` seeing keys ``i − W < j <= i`` (minus padding),
     or None when it is not one (or the window covers every key). Rows of padded
     queries, and rows that see nothing, are don't-care."""
+    found = _window_and_padding(bias)
+    return None if found is None else found[0]
+
+
+def _window_and_padding(bias: torch.Tensor) -> tuple[int, bool] | None:
+    """:func:`causal_window`, and whether any key is padding (``(W, padded)``)."""
     if bias.dim() < 2:
         return None
     keep = bias > MASKED_AT_OR_BELOW
@@ -516,13 +522,12 @@ def causal_window(bias: torch.Tensor) -> int | None:
     window = int(span.max())
     if window >= m or window < 1:
         return None
-    key_present = torch.cat(
-        [keep[..., :1, :off].expand(*keep.shape[:-2], 1, off).squeeze(-2), present], dim=-1
-    )
+    # As keys_present reads a mask lazily: keys before the first query as row 0 sees them.
+    key_present = torch.cat([keep[..., 0, :off], present], dim=-1)
     expected = (k_pos <= q_pos) & (k_pos > q_pos - window) & key_present.unsqueeze(-2)
     care = present.unsqueeze(-1) & expected.any(-1, keepdim=True)
     if bool(((keep == expected) | ~care).all()):
-        return window
+        return window, not bool(present.all())
     return None
 
 
@@ -532,12 +537,10 @@ def _classify(bias: torch.Tensor, causal_flag: bool) -> tuple[MaskKind, int | No
     kind = classify_bias(bias, causal_flag)
     if kind is not MaskKind.OTHER:
         return kind, None
-    window = causal_window(bias)
-    if window is None:
+    found = _window_and_padding(bias)
+    if found is None:
         return kind, None
-    keep = bias > MASKED_AT_OR_BELOW
-    present = keep.diagonal(offset=keep.shape[-1] - keep.shape[-2], dim1=-2, dim2=-1)
-    padded = not bool(present.all())
+    window, padded = found
     return (MaskKind.CAUSAL_PADDING if padded else MaskKind.CAUSAL), window
 
 
@@ -593,15 +596,14 @@ def _padding(plan: SitePlan, operands: tuple, bias: torch.Tensor, window: int | 
 def _padding_sources(keep: torch.Tensor, inputs: dict[str, Any], names: set[str]) -> set[str]:
     """Which of the inputs ``names`` (``[B, M]`` masks) equal ``keep`` (``[B, 1, M]`` or
     ``[B, M]``) as ``!= 0``."""
-    out = set()
-    for name in names:
-        mask = inputs[name]
-        if keep.dim() not in (2, 3) or (keep.dim() == 3 and keep.shape[1] != 1):
-            continue
-        flat = keep.reshape(keep.shape[0], keep.shape[-1])
-        if flat.shape == mask.shape and bool((flat == (mask != 0)).all()):
-            out.add(name)
-    return out
+    if keep.dim() not in (2, 3) or (keep.dim() == 3 and keep.shape[1] != 1):
+        return set()
+    flat = keep.reshape(keep.shape[0], keep.shape[-1])
+    return {
+        name
+        for name in names
+        if flat.shape == inputs[name].shape and bool((flat == (inputs[name] != 0)).all())
+    }
 
 
 def _mask_kinds(

@@ -135,27 +135,30 @@ def site_kv_mask(steps, query, key, value, key_transposed, kv_unrepeat, windowed
     """Keys that are not padding, bool ``[B|1, H|1, M]``: those the last query row of
     the mask sees, or, for a sliding-window mask (``windowed``), those the query at
     each key's own position sees (the last row sees only its window)."""
-    if key_transposed:
-        key = key.transpose(-2, -1)
-    batch = _batch_shape(query, key, value, kv_unrepeat)
     if windowed:
-        keep = keys_present(steps, operands, query.shape[-2], key.shape[-2])
+        m = key.shape[-1] if key_transposed else key.shape[-2]
+        keep = keys_present(steps, operands, query.shape[-2], m)
     else:
         keep = last_row_keep(steps, operands)
-    while keep.dim() < 1:
-        keep = keep.unsqueeze(0)
-    return _to_op_batch(keep.unsqueeze(-2), batch, full=False).squeeze(-2)
+    return _op_kv_mask(keep, query, key, value, key_transposed, kv_unrepeat)
 
 
 def site_kv_mask_from_input(mask, rank, query, key, value, key_transposed, kv_unrepeat):
     """:func:`site_kv_mask` read straight from the model's ``[B, M]`` attention-mask input
     (``!= 0``), when discovery found the two equal: no ``[N, M]`` mask is built."""
-    if key_transposed:
-        key = key.transpose(-2, -1)
-    batch = _batch_shape(query, key, value, kv_unrepeat)
     keep = mask != 0
     if rank == 3:
         keep = keep.unsqueeze(1)
+    return _op_kv_mask(keep, query, key, value, key_transposed, kv_unrepeat)
+
+
+def _op_kv_mask(keep, query, key, value, key_transposed, kv_unrepeat):
+    """Key padding ``keep [..., M]`` in the op's batch layout ``[B|1, H|1, M]``."""
+    if key_transposed:
+        key = key.transpose(-2, -1)
+    batch = _batch_shape(query, key, value, kv_unrepeat)
+    while keep.dim() < 1:
+        keep = keep.unsqueeze(0)
     return _to_op_batch(keep.unsqueeze(-2), batch, full=False).squeeze(-2)
 
 
