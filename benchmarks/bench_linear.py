@@ -6,7 +6,8 @@ default torch thread count. Rows:
 * linear, bidirectional: ``attnopt::linear_attention`` (``causal=False``) against
   ``scaled_dot_product_attention`` (no mask);
 * linear, causal chunked: ``attnopt::linear_attention`` (``causal=True``, chunk 64)
-  against SDPA with ``is_causal=True``;
+  against SDPA with ``is_causal=True``: the fused C++ kernel (built on first use),
+  then the PyTorch path it replaces (``ATTNOPT_CPP_KERNELS=0``);
 * hybrid: ``attnopt::hybrid_attention`` (window 64, 4 sinks, chunk 64) against
   causal SDPA.
 
@@ -65,7 +66,12 @@ def _sdpa(n: int, params: dict):
 
 
 def _linear(n: int, params: dict):
+    import os
+
     import torch
+
+    if not params.get("fused", True):  # this child only: keep the PyTorch path
+        os.environ["ATTNOPT_CPP_KERNELS"] = "0"
 
     import attnopt.kernels.linear  # noqa: F401  (registers the op)
 
@@ -127,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     cases = [
         ("linear, bidirectional", False, "linear", dict(causal=False, feature_map=fm, chunk=64)),
         ("linear, causal chunked", True, "linear", dict(causal=True, feature_map=fm, chunk=64)),
+        (
+            "linear, causal chunked, PyTorch path",
+            True,
+            "linear",
+            dict(causal=True, feature_map=fm, chunk=64, fused=False),
+        ),
         (
             "hybrid (window 64, 4 sinks)",
             True,

@@ -209,6 +209,21 @@ def run_all(case, q, k, v, kv_mask, tensors):
             **named,
         ),
     )
+    yield (
+        "chunked-pytorch",
+        linear_attention_chunked(
+            q,
+            k,
+            v,
+            kv_mask,
+            scale=scale,
+            chunk=case["chunk"],
+            max_elements=case["max_elements"],
+            fused=False,
+            **kw,
+            **named,
+        ),
+    )
     decay = case["decay"]
     yield (
         "op",

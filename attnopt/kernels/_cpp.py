@@ -1,0 +1,76 @@
+"""Optional C++ CPU kernels, compiled on first use with ``torch.utils.cpp_extension``.
+
+A kernel's source lives in its variant's folder beside the PyTorch implementation it
+speeds up; :func:`load_extension` compiles it once per source text and torch version
+(ninja and a C++ compiler are needed; builds are cached in torch's extensions
+directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and returns the
+module, or None where it cannot be built. Callers then keep their PyTorch path, which
+computes the same sums: the C++ kernels only make it faster.
+
+Set ``ATTNOPT_CPP_KERNELS=0`` to never compile or use them (the tests run both paths
+and compare them).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["cpp_kernels_enabled", "load_extension"]
+
+_ENV = "ATTNOPT_CPP_KERNELS"
+_log = logging.getLogger(__name__)
+
+
+def cpp_kernels_enabled() -> bool:
+    """False when ``ATTNOPT_CPP_KERNELS`` is ``0``/``false``/``no``/``off``."""
+    return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# OpenMP: at::parallel_for is a header template that needs it to run in parallel.
+_CFLAGS = ("-O3", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+
+
+@functools.cache
+def _build(source: str) -> ModuleType | None:
+    path = Path(source)
+    key = b"\0".join([path.read_bytes(), torch.__version__.encode(), *map(str.encode, _CFLAGS)])
+    tag = hashlib.sha256(key).hexdigest()[:12]
+    name = f"attnopt_{path.stem}_{tag}"
+    try:
+        from torch.utils import cpp_extension
+
+        _log.info("attnopt: compiling the C++ kernel %s (once; cached as %s)", path.name, name)
+        return cpp_extension.load(
+            name=name,
+            sources=[str(path)],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a failed build: keep the PyTorch path
+        warnings.warn(
+            f"attnopt: could not build the C++ CPU kernel {path.name} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); using the "
+            f"PyTorch implementation, which is slower. Install ninja and a C++ compiler to "
+            f"build it, or set {_ENV}=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def load_extension(source: str | Path) -> ModuleType | None:
+    """The compiled module of ``source`` (a ``.cpp`` file), or None when the C++
+    kernels are disabled or cannot be built (warned once per source)."""
+    if not cpp_kernels_enabled():
+        return None
+    return _build(str(Path(source).resolve()))
