@@ -39,6 +39,13 @@ _CFLAGS = ("-O3", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
 
+def _reason(e: Exception) -> str:
+    """One line on why a build failed: the compiler's first error where there is one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    compiler = [line for line in lines if "error:" in line]  # file:line:col: error: ...
+    return f"{type(e).__name__}: {(compiler or lines or [repr(e)])[0][:300]}"
+
+
 @functools.cache
 def _build(source: str) -> ModuleType | None:
     path = Path(source)
@@ -58,10 +65,9 @@ def _build(source: str) -> ModuleType | None:
         )
     except Exception as e:  # no compiler, no ninja, a failed build: keep the PyTorch path
         warnings.warn(
-            f"attnopt: could not build the C++ CPU kernel {path.name} ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); using the "
-            f"PyTorch implementation, which is slower. Install ninja and a C++ compiler to "
-            f"build it, or set {_ENV}=0 to silence this.",
+            f"attnopt: could not build the C++ CPU kernel {path.name} ({_reason(e)}); using "
+            f"the PyTorch implementation, which is slower. Install ninja and a C++ compiler "
+            f"to build it, or set {_ENV}=0 to silence this.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -240,6 +240,13 @@ def run_all(case, q, k, v, kv_mask):
             q, k, v, kv_mask, scale=scale, causal=causal, max_scores=case["max_scores"], **kw
         ),
     )
+    yield (
+        "gather-pytorch",
+        block_sparse_attention_gather(
+            q, k, v, kv_mask, scale=scale, causal=causal, max_scores=case["max_scores"],
+            fused=False, **kw,
+        ),
+    )  # fmt: skip
     args = tuple(kw[x] for x in ("block", "topk", "threshold", "local_blocks", "sink_blocks"))
     yield "op", OP(q, k, v, kv_mask, None, scale, causal, *args, kw["pattern"])
 
@@ -341,6 +348,14 @@ FIXED_CASES = {
     "tail-block": _case(n=100, m=100, block=32, topk=2, mask=None),
     "one-slot-chunks": _case(max_scores=1, mask="head", topk=None, threshold=0.5),
     "mqa-block-1": _case(heads=4, kv_heads=1, n=20, m=20, block=1, topk=5),
+    # More kept blocks than the fused kernel scores at once (an online softmax across groups).
+    "many-kept-causal": _case(n=230, m=230, block=8, topk=13, mask="head"),
+    "many-kept-bidirectional-odd-dims": _case(
+        causal=False, n=190, m=203, block=8, topk=11, head_dim=13, value_dim=7, layout="bnhd"
+    ),
+    "many-kept-threshold-empty": _case(
+        n=200, m=200, block=8, topk=None, threshold=0.9, mask="empty"
+    ),
 }
 
 

@@ -17,6 +17,11 @@ chunk (one head, whole blocks, no padding, ``D == Dv <= block``) hands its gathe
 key and value blocks to the fused CPU attention kernel instead (see :class:`_FastPath`).
 No ``[N, M]`` tensor is ever built.
 
+fp32 inference on CPU goes first to the fused C++ kernel
+(:mod:`~attnopt.kernels.block_sparse.fused`: no gathering, about twice as fast at 16k
+positions); this path is its fallback and the autograd path, and the two are tested
+against each other.
+
 Memory: a chunk's scores hold at most ``max_scores`` elements (at least one query
 block's); with the key/value buffer of the same size and the output, that is all the
 kernel allocates besides the selection (``[B, H, nQ, K]`` indices). Consecutive query
@@ -72,6 +77,7 @@ def block_sparse_attention_gather(
     scale: float | None = None,
     causal: bool = False,
     max_scores: int | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Block-sparse attention computing only the kept blocks.
 
@@ -89,6 +95,9 @@ def block_sparse_attention_gather(
         max_scores: score elements per chunk (at least one query block's), which bounds
             the extra memory; default: as many as fill a 64th of the output's bytes (the
             key/value buffer takes as much again), between ``2**15`` and ``2**20``.
+        fused: whether fp32 inference on CPU may use the fused C++ kernel
+            (:mod:`~attnopt.kernels.block_sparse.fused`; same result, faster). False
+            keeps this module's gather path.
 
     Returns:
         ``[B, H, N, Dv]`` in ``q.dtype``; rows with no visible key are 0.
@@ -120,7 +129,7 @@ def block_sparse_attention_gather(
     kw = dict(block=block, scale=scale, causal=causal, max_scores=max_scores)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _GatherAttention.apply(q, k, v, kv_mask, selection, kw)
-    return block_sparse_forward(q, k, v, kv_mask, selection, **kw)
+    return block_sparse_forward(q, k, v, kv_mask, selection, fused=fused, **kw)
 
 
 class _GatherAttention(torch.autograd.Function):
@@ -222,6 +231,17 @@ def _chunks(B, Hkv, R, count, pairs) -> list[_Chunk]:
     return out
 
 
+def key_bias_of(kv_mask, M: int, length: int, ct, device) -> torch.Tensor:
+    """Additive per-key bias ``[Bm, Hm, length]``: 0 for visible keys, ``-inf`` for
+    padding (``kv_mask`` False, broadcastable to ``[B, H, M]``) and positions ``>= M``."""
+    km = kv_mask if kv_mask is not None else torch.ones(1, 1, 1, dtype=torch.bool)
+    km = km.to(device).reshape((1,) * (3 - km.dim()) + tuple(km.shape))
+    km = km.expand(km.shape[0], km.shape[1], M)
+    bias = torch.full((km.shape[0], km.shape[1], length), _NEG_INF, dtype=ct, device=device)
+    bias[..., :M].masked_fill_(km, 0.0)
+    return bias
+
+
 def _plan(q, k, v, kv_mask, selection, *, block, scale, causal, max_scores, slack=1) -> _Plan:
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
@@ -238,14 +258,8 @@ def _plan(q, k, v, kv_mask, selection, *, block, scale, causal, max_scores, slac
     nk = layout.num_k_blocks
     key_bias = None
     if kv_mask is not None or M % block:
-        km = kv_mask if kv_mask is not None else torch.ones(1, 1, 1, dtype=torch.bool)
-        km = km.to(q.device).reshape((1,) * (3 - km.dim()) + tuple(km.shape))
-        km = km.expand(km.shape[0], km.shape[1], M)
-        key_bias = torch.full(
-            (km.shape[0], km.shape[1], nk * block), _NEG_INF, dtype=ct, device=q.device
-        )
-        key_bias[..., :M].masked_fill_(km, 0.0)
-        key_bias = key_bias.view(km.shape[0], km.shape[1], nk, block)
+        key_bias = key_bias_of(kv_mask, M, nk * block, ct, q.device)
+        key_bias = key_bias.view(key_bias.shape[0], key_bias.shape[1], nk, block)
     tri = None
     if causal:
         t = torch.arange(block, device=q.device)
@@ -542,8 +556,21 @@ def block_sparse_forward(
     scale: float,
     causal: bool,
     max_scores: int | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """Forward over the kept blocks of ``selection`` (no autograd); inputs must be checked."""
+    """Forward over the kept blocks of ``selection`` (no autograd); inputs must be checked.
+
+    ``fused``: fp32 inputs on CPU may take the C++ kernel
+    (:mod:`~attnopt.kernels.block_sparse.fused`), which computes the same result
+    faster; False keeps this module's path (the tests compare the two)."""
+    if fused:
+        from attnopt.kernels.block_sparse.fused import fused_block_sparse
+
+        out = fused_block_sparse(
+            q, k, v, kv_mask, selection, block=block, scale=scale, causal=causal
+        )
+        if out is not None:
+            return out
     plan = _plan(
         q, k, v, kv_mask, selection, block=block, scale=scale, causal=causal, max_scores=max_scores
     )
