@@ -6,7 +6,10 @@ count, blocks of 64 positions. Each row compares ``torch.ops.attnopt.block_spars
 same causal flag (the CPU flash kernel). Rows: dynamic top-k keeping 1/8 of the key
 blocks (``topk = N / 64 / 8``; a causal query block sees about half of them, so this
 is about a quarter of the causal work) and 1/16 (about an eighth of the causal work),
-causal and bidirectional, and the static radial pattern.
+causal and bidirectional, and the static radial pattern. The "kept / visible blocks"
+column is measured from the selection: kept (query block, key block) pairs over the
+pairs the causal flag allows. The fused C++ kernel serves these calls (built on first
+use); the "gather path" row is the PyTorch path it replaces (``ATTNOPT_CPP_KERNELS=0``).
 
 Measurement (see ``benchmarks/_harness.py``): every (implementation, length) pair runs
 in a fresh subprocess; peak extra memory is the growth of the resident set during one
@@ -42,6 +45,10 @@ ROWS = [
     ("dynamic top-k 1/16", dict(causal=True, pattern="dynamic", fraction=16)),
     ("radial (local 4)", dict(causal=True, pattern="radial", local_blocks=4)),
     ("dynamic top-k 1/8", dict(causal=False, pattern="dynamic", fraction=8)),
+    (
+        "dynamic top-k 1/8, gather path",
+        dict(causal=False, pattern="dynamic", fraction=8, fused=False),
+    ),
 ]
 
 
@@ -79,7 +86,12 @@ def _make_sdpa(n: int, params: dict):
 
 
 def _make_block_sparse(n: int, params: dict):
+    import os
+
     import torch
+
+    if not params.get("fused", True):  # this child only: the PyTorch gather path
+        os.environ["ATTNOPT_CPP_KERNELS"] = "0"
 
     import attnopt.kernels.block_sparse  # registers the op
 
@@ -96,6 +108,29 @@ def _make_block_sparse(n: int, params: dict):
 
 
 RUNNERS = {"sdpa": _make_sdpa, "block_sparse": _make_block_sparse}
+
+
+def _density(n: int, params: dict) -> float:
+    """Kept (query block, key block) pairs over those the causal flag lets a query block
+    see, from the selection on the benchmark's inputs."""
+    import torch
+
+    from attnopt.kernels.block_sparse.selection import block_layout, select_blocks
+
+    q, k, _ = _inputs(n)
+    causal = params["causal"]
+    with torch.no_grad():
+        _, count = select_blocks(
+            q, k, None, block=BLOCK, causal=causal, scale=1.0 / math.sqrt(HEAD_DIM),
+            pattern=params["pattern"], topk=_topk(n, params), threshold=None,
+            local_blocks=params.get("local_blocks", 1), sink_blocks=params.get("sink_blocks", 1),
+        )  # fmt: skip
+    L = block_layout(n, n, BLOCK, causal)
+    rows = torch.arange(L.num_q_blocks) + L.first_block
+    visible = (
+        (rows + 1).clamp(max=L.num_k_blocks) if causal else torch.full_like(rows, L.num_k_blocks)
+    )
+    return count.double().sum().item() / (visible.sum().item() * count.shape[0] * count.shape[1])
 
 
 def _error(n: int, params: dict) -> float:
@@ -146,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                     "n": n,
                     "config": f"{name}" + (f" (topk={topk})" if topk else ""),
                     "causal": "yes" if params["causal"] else "no",
+                    "density": f"1/{1 / _density(n, params):.1f}",
                     "sdpa_ms": f"{sdpa['ms']:.1f}",
                     "ours_ms": f"{ours['ms']:.1f}",
                     "speedup": f"{sdpa['ms'] / ours['ms']:.1f}x",
@@ -159,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         ("n", "N"),
         ("config", "block sparse"),
         ("causal", "causal"),
+        ("density", "kept / visible blocks"),
         ("sdpa_ms", "SDPA (ms)"),
         ("ours_ms", "ours (ms)"),
         ("speedup", "speedup"),
