@@ -1,4 +1,4 @@
-"""The fused C++ kernel of causal linear attention and its fallbacks.
+"""The fused C++ kernel of linear attention (causal and bidirectional) and its fallbacks.
 
 ``test_linear.py`` already runs every case through both the fused kernel (the default
 path of ``linear_attention_chunked`` and the op without autograd) and the PyTorch
@@ -19,7 +19,7 @@ import torch
 from attnopt.kernels import _cpp
 from attnopt.kernels.linear import linear_attention_chunked
 from attnopt.kernels.linear.chunked import make_plan
-from attnopt.kernels.linear.fused import _SOURCE, fused_causal
+from attnopt.kernels.linear.fused import _SOURCE, fused_linear
 from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
 from tests.kernel_tests.test_linear import feature_tensors, naive_linear
 
@@ -52,19 +52,20 @@ def test_extension_builds_where_a_compiler_exists():
 @needs_build
 @pytest.mark.parametrize("feature_map", ["elu", "relu", "softmax_rf", "hedgehog"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_fused_matches_naive_with_threads(feature_map, threads):
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_matches_naive_with_threads(feature_map, threads, causal):
     q, k, v, kv_mask, gen = _problem(threads)
     tensors = feature_tensors(feature_map, 6, 3, 16, None, gen)
     named = dict(zip(("q_weight", "q_bias", "k_weight", "k_bias"), tensors, strict=True))
     expected = naive_linear(
-        q, k, v, kv_mask, causal=True, feature_map=feature_map, decay=None, eps=1e-6,
+        q, k, v, kv_mask, causal=causal, feature_map=feature_map, decay=None, eps=1e-6,
         scale=1 / math.sqrt(16), tensors=tensors,
     )  # fmt: skip
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out = linear_attention_chunked(
-            q, k, v, kv_mask, causal=True, feature_map=feature_map, chunk=32, **named
+            q, k, v, kv_mask, causal=causal, feature_map=feature_map, chunk=32, **named
         )
     finally:
         torch.set_num_threads(before)
@@ -77,17 +78,18 @@ def test_fused_matches_naive_with_threads(feature_map, threads):
     [(1, 1, 64), (1, 90, 16), (90, 1, 16), (64, 64, 64), (65, 64, 64), (37, 200, 7), (200, 37, 7)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_edges_and_dtypes(n, m, chunk, dtype):
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_edges_and_dtypes(n, m, chunk, dtype, causal):
     q, k, v, kv_mask, _ = _problem(n * 1000 + m, n=n, m=m, dtype=dtype)
     # [B, N, H, D] storage seen through a transpose: rows of one head are strided.
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
     expected = naive_linear(
-        q, k, v, kv_mask, causal=True, feature_map="elu", decay=None, eps=1e-6,
+        q, k, v, kv_mask, causal=causal, feature_map="elu", decay=None, eps=1e-6,
         scale=1 / math.sqrt(16), tensors=(None,) * 4,
     )  # fmt: skip
-    out = linear_attention_chunked(q, k, v, kv_mask, causal=True, chunk=chunk)
+    out = linear_attention_chunked(q, k, v, kv_mask, causal=causal, chunk=chunk)
     assert_matches(out, expected, dtype, TOLERANCE)
-    pytorch = linear_attention_chunked(q, k, v, kv_mask, causal=True, chunk=chunk, fused=False)
+    pytorch = linear_attention_chunked(q, k, v, kv_mask, causal=causal, chunk=chunk, fused=False)
     assert_matches(pytorch, expected, dtype, TOLERANCE)
 
 
@@ -116,11 +118,11 @@ def _plan(q, k, v, *, decay=None, differentiable=False):
 @needs_build
 def test_fused_declines_what_it_does_not_compute():
     q, k, v, _, _ = _problem(6, mask=False)
-    assert fused_causal(_plan(q, k, v), q, k, v, 1e-6) is not None
-    assert fused_causal(_plan(q, k, v, decay=0.9), q, k, v, 1e-6) is None
-    assert fused_causal(_plan(q, k, v, differentiable=True), q, k, v, 1e-6) is None
+    assert fused_linear(_plan(q, k, v), q, k, v, 1e-6, causal=True) is not None
+    assert fused_linear(_plan(q, k, v, decay=0.9), q, k, v, 1e-6, causal=True) is None
+    assert fused_linear(_plan(q, k, v, differentiable=True), q, k, v, 1e-6, causal=False) is None
     q64, k64, v64 = q.double(), k.double(), v.double()
-    assert fused_causal(_plan(q64, k64, v64), q64, k64, v64, 1e-6) is None
+    assert fused_linear(_plan(q64, k64, v64), q64, k64, v64, 1e-6, causal=False) is None
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -32,8 +32,8 @@ normaliser kept as its own vector instead of a ``[v, 1]`` column, and the state
 each chunk of a group starts from taken from one ``[g+1, g]`` matmul over the
 chunks' own states.
 
-Causal inference on CPU in fp32 compute (no decay) goes first to the fused C++ kernel
-(:mod:`~attnopt.kernels.linear.fused`, about twice as fast at 16k positions), which
+Inference on CPU in fp32 compute (no decay) goes first to the fused C++ kernel
+(:mod:`~attnopt.kernels.linear.fused`; causal: about twice as fast at 16k positions), which
 computes the same chunked sums; this module's no-grad path is its fallback where the
 kernel cannot be built, and the two are tested against each other.
 
@@ -54,7 +54,7 @@ import torch
 from attnopt.kernels._checks import check_attention_inputs
 from attnopt.kernels.dense.reference import compute_dtype
 from attnopt.kernels.linear.feature_maps import apply_feature_map, check_feature_tensors
-from attnopt.kernels.linear.fused import fused_causal
+from attnopt.kernels.linear.fused import fused_linear
 from attnopt.kernels.linear.reference import check_linear_args, decay_per_head
 
 __all__ = ["HeadGroup", "Plan", "causal_groups", "linear_attention_chunked", "linear_forward"]
@@ -98,7 +98,7 @@ def linear_attention_chunked(
         max_elements: numbers per group temporary, which bounds the extra memory;
             default ``2**15`` with autograd or decay, ``2**16`` otherwise (inference,
             whose buffers are preallocated).
-        fused: whether causal inference on CPU may use the fused C++ kernel
+        fused: whether inference on CPU may use the fused C++ kernel
             (:mod:`~attnopt.kernels.linear.fused`; same result, faster). False keeps the
             PyTorch implementation.
 
@@ -750,7 +750,7 @@ def linear_forward(
 ) -> torch.Tensor:
     """The chunked kernel on checked inputs (no argument checks).
 
-    ``fused``: causal inference on CPU may take the C++ kernel
+    ``fused``: inference on CPU may take the C++ kernel
     (:mod:`~attnopt.kernels.linear.fused`), which computes the same sums faster; False
     keeps the PyTorch path (the tests compare the two)."""
     plan = make_plan(
@@ -770,8 +770,8 @@ def linear_forward(
     if plan.N == 0:
         return q.new_empty(plan.B, plan.H, 0, plan.Dv)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-        if causal and not differentiable and fused:
-            out = fused_causal(plan, q, k, v, eps)
+        if not differentiable and fused:
+            out = fused_linear(plan, q, k, v, eps, causal=causal)
             if out is not None:
                 return out
         if not differentiable and not (causal and plan.log_decay is not None):

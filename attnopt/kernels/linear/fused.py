@@ -1,4 +1,4 @@
-"""Causal linear attention through the fused C++ CPU kernel (``causal_cpu.cpp``).
+"""Linear attention through the fused C++ CPU kernel (``causal_cpu.cpp``).
 
 The PyTorch path (:mod:`~attnopt.kernels.linear.chunked`) spends most of its time
 between small matmuls: in Python, in the dispatcher and in cold caches. The C++
@@ -7,13 +7,13 @@ with its running state ``S = Σ φ(k)[v, 1]ᵀ`` and a few chunks of features in
 the chunk matmuls on oneDNN's brgemm micro-kernel. The result equals the chunked
 kernel's up to rounding (tests compare both with the naive reference).
 
-It serves inference on CPU in fp32 compute (fp16/bf16 inputs are read as fp32):
-no autograd, no decay. elu and relu are applied inside the kernel, a few chunks at a
-time; the learnt and random maps (hedgehog, softmax_rf) are applied here through
-:func:`apply_feature_map`, a group of positions for every head at a time, and the
-kernel continues the state from one group to the next. Everything else, and every
-call where the kernel cannot be built (no compiler; see :mod:`attnopt.kernels._cpp`),
-takes the PyTorch path.
+It serves causal and bidirectional inference on CPU in fp32 compute (fp16/bf16
+inputs are read as fp32): no autograd, no decay. elu and relu are applied inside the
+kernel, a few chunks at a time; the learnt and random maps (hedgehog, softmax_rf) are
+applied here through :func:`apply_feature_map`, a group of positions for every head
+at a time, and the kernel continues the state from one group to the next. Everything
+else, and every call where the kernel cannot be built (no compiler; see
+:mod:`attnopt.kernels._cpp`), takes the PyTorch path.
 
 Memory: besides the output, per thread about four ``[chunk·BLOCK_CHUNKS, F]`` buffers,
 the ``[B, H, F, Dv+1]`` states and, for the learnt maps, one group of features.
@@ -28,7 +28,7 @@ import torch
 from attnopt.kernels._cpp import load_extension
 from attnopt.kernels.linear.feature_maps import apply_feature_map
 
-__all__ = ["BLOCK_CHUNKS", "fused_causal"]
+__all__ = ["BLOCK_CHUNKS", "fused_linear"]
 
 _SOURCE = Path(__file__).with_name("causal_cpu.cpp")
 _PHI_MODE = {"elu": 1, "relu": 2}
@@ -42,11 +42,14 @@ def _extension():
     return load_extension(_SOURCE)
 
 
-def fused_causal(plan, q, k, v, eps: float) -> torch.Tensor | None:
-    """Causal linear attention of checked inputs, or None where the fused kernel does not
-    apply (CUDA tensors, decay, fp64, autograd) or cannot be built.
+def fused_linear(plan, q, k, v, eps: float, *, causal: bool) -> torch.Tensor | None:
+    """Linear attention of checked inputs, or None where the fused kernel does not apply
+    (CUDA tensors, decay, fp64, autograd) or cannot be built.
 
-    ``plan`` is the chunked kernel's :class:`~attnopt.kernels.linear.chunked.Plan`."""
+    ``plan`` is the chunked kernel's :class:`~attnopt.kernels.linear.chunked.Plan`.
+    Bidirectional attention is the causal kernel with every query placed after every
+    key (positions ``M ..``): the keys' chunks only add to the state, the queries'
+    chunks only read it, which is the O(N·d²) computation itself."""
     if (
         q.device.type != "cpu"
         or plan.log_decay is not None
@@ -58,11 +61,11 @@ def fused_causal(plan, q, k, v, eps: float) -> torch.Tensor | None:
     if ext is None:
         return None
     B, H, N, M, C = plan.B, plan.H, plan.N, plan.M, plan.chunk
-    off = plan.off
+    off = plan.off if causal else M  # query i sits at position i + off
     out = q.new_empty(B, H, N, plan.Dv)
     state = torch.zeros(B, H, plan.F, plan.Dv + 1, dtype=torch.float32)
     valid = None if plan.key_mask is None else plan.key_mask.to(torch.float32)
-    p_begin, p_end = min(0, off), M  # query positions end at off + N == M
+    p_begin, p_end = min(0, off), max(M, off + N)
     mode = _PHI_MODE.get(plan.feature_map)
     if mode is not None:
         ext.causal_linear_chunks(
