@@ -36,6 +36,8 @@ def cpp_kernels_enabled() -> bool:
 
 # OpenMP: at::parallel_for is a header template that needs it to run in parallel.
 _CFLAGS = ("-O3", "-fopenmp")
+# Helpers every kernel may include (``#include "cpu_common.h"``).
+_COMMON = Path(__file__).with_name("cpu_common.h")
 _LDFLAGS = ("-fopenmp",)
 
 
@@ -49,7 +51,8 @@ def _reason(e: Exception) -> str:
 @functools.cache
 def _build(source: str) -> ModuleType | None:
     path = Path(source)
-    key = b"\0".join([path.read_bytes(), torch.__version__.encode(), *map(str.encode, _CFLAGS)])
+    parts = [path.read_bytes(), _COMMON.read_bytes(), torch.__version__.encode()]
+    key = b"\0".join([*parts, *map(str.encode, _CFLAGS)])
     tag = hashlib.sha256(key).hexdigest()[:12]
     name = f"attnopt_{path.stem}_{tag}"
     try:
@@ -61,6 +64,7 @@ def _build(source: str) -> ModuleType | None:
             sources=[str(path)],
             extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS),
+            extra_include_paths=[str(_COMMON.parent)],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, a failed build: keep the PyTorch path

@@ -19,12 +19,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define ATTNOPT_X86 1
-#endif
+#include "cpu_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -35,102 +31,12 @@
 namespace {
 
 using at::Tensor;
+using attnopt::exp_nonpositive;
+using attnopt::mm_rm;
+using attnopt::transpose;
 
 // Kept key blocks scored at once: [block, kGroupBlocks * block] scores per thread.
 constexpr int64_t kGroupBlocks = 4;
-
-// Row-major C[m, n] (+)= A[m, k] . B[k, n] with leading dims (oneDNN brgemm via torch).
-inline void mm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                  const float* b, int64_t ldb, bool add, float* c, int64_t ldc) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
-}
-
-// dst[d * ldd + s] = src[s * lds + d] for s < rows, d < cols.
-void transpose_scalar(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
-                      int64_t ldd) {
-  for (int64_t s0 = 0; s0 < rows; s0 += 16) {  // 16-row strips stay in L1
-    const int64_t s1 = std::min(rows, s0 + 16);
-    for (int64_t d = 0; d < cols; ++d) {
-      for (int64_t s = s0; s < s1; ++s) dst[d * ldd + s] = src[s * lds + d];
-    }
-  }
-}
-
-#ifdef ATTNOPT_X86
-// The same with AVX2 8x8 register transposes; edges that are not whole 8x8 tiles go
-// through the scalar loop.
-__attribute__((target("avx2"))) void transpose_avx2(const float* src, int64_t lds,
-                                                     int64_t rows, int64_t cols, float* dst,
-                                                     int64_t ldd) {
-  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
-  for (int64_t s = 0; s < r8; s += 8) {
-    for (int64_t d = 0; d < c8; d += 8) {
-      const float* a = src + s * lds + d;
-      __m256 r0 = _mm256_loadu_ps(a), r1 = _mm256_loadu_ps(a + lds);
-      __m256 r2 = _mm256_loadu_ps(a + 2 * lds), r3 = _mm256_loadu_ps(a + 3 * lds);
-      __m256 r4 = _mm256_loadu_ps(a + 4 * lds), r5 = _mm256_loadu_ps(a + 5 * lds);
-      __m256 r6 = _mm256_loadu_ps(a + 6 * lds), r7 = _mm256_loadu_ps(a + 7 * lds);
-      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-      const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-      const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-      const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-      float* o = dst + d * ldd + s;
-      _mm256_storeu_ps(o, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(o + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(o + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(o + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(o + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(o + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(o + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(o + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
-    }
-  }
-  if (c8 < cols) transpose_scalar(src + c8, lds, r8, cols - c8, dst + c8 * ldd, ldd);
-  if (r8 < rows) transpose_scalar(src + r8 * lds, lds, rows - r8, cols, dst + r8, ldd);
-}
-#endif
-
-void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
-               int64_t ldd) {
-#ifdef ATTNOPT_X86
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return transpose_avx2(src, lds, rows, cols, dst, ldd);
-#endif
-  transpose_scalar(src, lds, rows, cols, dst, ldd);
-}
-
-// exp(x) for x <= 0 (softmax numerators), to about 2 ulp: x = n ln2 + r with |r| <=
-// ln2/2, exp(r) by a degree-6 polynomial (Cephes' expf coefficients), 2^n from the
-// exponent bits; below -87 (or -inf) exactly 0. Plain arithmetic, so the loops that
-// call it vectorise.
-inline float exp_nonpositive(float x) {
-  const float big = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504f + big;
-  const float n = t - big;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  int32_t ti, bi;
-  std::memcpy(&ti, &t, 4);
-  std::memcpy(&bi, &big, 4);
-  const int32_t bits = (ti - bi + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.f ? 0.f : y * scale;
-}
 
 // One step of the online softmax over rows [nq, W] (leading dim ld) of scores: with m the
 // running row max updated by this group's, scores become exp(s - m) in place, alpha[r]

@@ -17,7 +17,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
+
+#include "cpu_common.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -26,6 +27,7 @@
 namespace {
 
 using at::Tensor;
+using attnopt::mm_rm;
 
 constexpr int64_t kGiven = 0;
 constexpr int64_t kElu = 1;
@@ -46,11 +48,49 @@ void load_features(Tensor& dst, const Tensor& src, int64_t mode) {
   }
 }
 
-// Row-major C[m, n] (+)= A[m, k] . B[k, n] with leading dims: oneDNN's brgemm
-// micro-kernel through torch (no per-call dispatch, fast for these small shapes).
-inline void mm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                  const float* b, int64_t ldb, bool add, float* c, int64_t ldc) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
+// dst[r * ldd + c] = phi(src[r * lds + c]) for fp32 rows (in place when dst == src).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void phi_rows(
+    const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+    int64_t mode) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = src + r * lds;
+    float* y = dst + r * ldd;
+    if (mode == kElu) {  // elu(x) + 1: x + 1 above 0, exp(x) below
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float e = attnopt::exp_nonpositive(x[c] < 0.f ? x[c] : 0.f);
+        y[c] = x[c] > 0.f ? x[c] + 1.f : e;
+      }
+    } else if (mode == kRelu) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) y[c] = x[c] > 0.f ? x[c] : 0.f;
+    } else if (x != y) {
+      std::copy(x, x + cols, y);
+    }
+  }
+}
+
+// Query features [L, F] (row-major, ld F) and key features transposed [F, L] (ld ldk) of
+// rows src [L, D]: fp32 rows go through the loops above, anything else through ATen.
+void load_queries(float* dst, const Tensor& src, int64_t mode) {
+  const int64_t L = src.size(0), F = src.size(1);
+  if (src.scalar_type() == at::kFloat && src.stride(1) == 1) {
+    phi_rows(src.data_ptr<float>(), src.stride(0), L, F, dst, F, mode);
+    return;
+  }
+  Tensor d = at::from_blob(dst, {L, F}, src.options().dtype(at::kFloat));
+  load_features(d, src, mode);
+}
+
+void load_keys_transposed(float* dst, int64_t ldk, const Tensor& src, int64_t mode) {
+  const int64_t L = src.size(0), F = src.size(1);
+  if (src.scalar_type() == at::kFloat && src.stride(1) == 1) {
+    attnopt::transpose(src.data_ptr<float>(), src.stride(0), L, F, dst, ldk);
+    phi_rows(dst, ldk, F, L, dst, ldk, mode);
+    return;
+  }
+  Tensor d = at::from_blob(dst, {F, L}, {ldk, 1}, src.options().dtype(at::kFloat));
+  load_features(d, src.t(), mode);
 }
 
 }  // namespace
@@ -114,9 +154,11 @@ void causal_linear_chunks(
         const float* vp = nullptr;
         int64_t ldv = Dv;
         if (kb > ka) {
-          Tensor kd = kt.narrow(1, 0, kb - ka);
-          load_features(kd, kh.narrow(0, ka - k_pos0, kb - ka).t(), phi_mode);
-          if (mh.defined()) kd.mul_(mh.narrow(0, ka - k_pos0, kb - ka).unsqueeze(0));
+          load_keys_transposed(kt.data_ptr<float>(), rows, kh.narrow(0, ka - k_pos0, kb - ka),
+                               phi_mode);
+          if (mh.defined()) {
+            kt.narrow(1, 0, kb - ka).mul_(mh.narrow(0, ka - k_pos0, kb - ka).unsqueeze(0));
+          }
           if (v_direct) {
             vp = vh.data_ptr<float>() + (ka - k_pos0) * vh.stride(0);
             ldv = vh.stride(0);
@@ -126,8 +168,7 @@ void causal_linear_chunks(
           }
         }
         if (qb > qa) {
-          Tensor qd = qf.narrow(0, 0, qb - qa);
-          load_features(qd, qh.narrow(0, qa - q_pos0, qb - qa), phi_mode);
+          load_queries(qf.data_ptr<float>(), qh.narrow(0, qa - q_pos0, qb - qa), phi_mode);
         }
         const float* ktp = kt.data_ptr<float>();
         for (int64_t p0 = P0; p0 < P1; p0 += chunk) {
