@@ -9,7 +9,8 @@ is about a quarter of the causal work) and 1/16 (about an eighth of the causal w
 causal and bidirectional, and the static radial pattern. The "kept / visible blocks"
 column is measured from the selection: kept (query block, key block) pairs over the
 pairs the causal flag allows. The fused C++ kernel serves these calls (built on first
-use); the "gather path" row is the PyTorch path it replaces (``ATTNOPT_CPP_KERNELS=0``).
+use); the "gather path" row is the PyTorch path it replaces (run under
+``attnopt.kernels._cpp.cpp_kernels_disabled``).
 
 Measurement (see ``benchmarks/_harness.py``): every (implementation, length) pair runs
 in a fresh subprocess; peak extra memory is the growth of the resident set during one
@@ -86,12 +87,14 @@ def _make_sdpa(n: int, params: dict):
 
 
 def _make_block_sparse(n: int, params: dict):
-    import os
+    import contextlib
 
     import torch
 
-    if not params.get("fused", True):  # this child only: the PyTorch gather path
-        os.environ["ATTNOPT_CPP_KERNELS"] = "0"
+    from attnopt.kernels._cpp import cpp_kernels_disabled
+
+    # fused=False: the PyTorch gather path, for this runner's calls only.
+    path = contextlib.nullcontext if params.get("fused", True) else cpp_kernels_disabled
 
     import attnopt.kernels.block_sparse  # registers the op
 
@@ -100,9 +103,10 @@ def _make_block_sparse(n: int, params: dict):
     scale = 1.0 / math.sqrt(HEAD_DIM)
 
     def run(q, k, v):
-        return torch.ops.attnopt.block_sparse_attention(
-            q, k, v, None, None, scale, params["causal"], *args
-        )
+        with path():
+            return torch.ops.attnopt.block_sparse_attention(
+                q, k, v, None, None, scale, params["causal"], *args
+            )
 
     return (lambda: _inputs(n)), run
 

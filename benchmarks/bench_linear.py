@@ -7,7 +7,7 @@ default torch thread count. Rows:
   ``scaled_dot_product_attention`` (no mask);
 * linear, causal chunked: ``attnopt::linear_attention`` (``causal=True``, chunk 64)
   against SDPA with ``is_causal=True``: the fused C++ kernel (built on first use),
-  then the PyTorch path it replaces (``ATTNOPT_CPP_KERNELS=0``);
+  then the PyTorch path it replaces (``attnopt.kernels._cpp.cpp_kernels_disabled``);
 * hybrid: ``attnopt::hybrid_attention`` (window 64, 4 sinks, chunk 64) against
   causal SDPA.
 
@@ -66,22 +66,25 @@ def _sdpa(n: int, params: dict):
 
 
 def _linear(n: int, params: dict):
-    import os
+    import contextlib
 
     import torch
 
-    if not params.get("fused", True):  # this child only: keep the PyTorch path
-        os.environ["ATTNOPT_CPP_KERNELS"] = "0"
+    from attnopt.kernels._cpp import cpp_kernels_disabled
+
+    # fused=False: the PyTorch path, for this runner's calls only.
+    path = contextlib.nullcontext if params.get("fused", True) else cpp_kernels_disabled
 
     import attnopt.kernels.linear  # noqa: F401  (registers the op)
 
     tensors = _feature_tensors(params["feature_map"])
 
     def run(q, k, v):
-        return torch.ops.attnopt.linear_attention(
-            q, k, v, None, None, 1 / math.sqrt(D), params["causal"], params["feature_map"],
-            params["chunk"], None, 1e-6, *tensors,
-        )  # fmt: skip
+        with path():
+            return torch.ops.attnopt.linear_attention(
+                q, k, v, None, None, 1 / math.sqrt(D), params["causal"], params["feature_map"],
+                params["chunk"], None, 1e-6, *tensors,
+            )  # fmt: skip
 
     return (lambda: _qkv(n)), run
 

@@ -13,6 +13,7 @@ and compare them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -23,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["cpp_kernels_enabled", "load_extension"]
+__all__ = ["cpp_kernels_disabled", "cpp_kernels_enabled", "load_extension"]
 
 _ENV = "ATTNOPT_CPP_KERNELS"
 _log = logging.getLogger(__name__)
@@ -46,6 +47,21 @@ def _reason(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     compiler = [line for line in lines if "error:" in line]  # file:line:col: error: ...
     return f"{type(e).__name__}: {(compiler or lines or [repr(e)])[0][:300]}"
+
+
+@contextlib.contextmanager
+def cpp_kernels_disabled():
+    """Within the block, every kernel takes its PyTorch path (sets ``ATTNOPT_CPP_KERNELS=0``
+    for the block and restores the previous value after it)."""
+    before = os.environ.get(_ENV)
+    os.environ[_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_ENV, None)
+        else:
+            os.environ[_ENV] = before
 
 
 @functools.cache
