@@ -145,3 +145,33 @@ def test_a_failed_build_warns_once_and_returns_none(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _cpp.load_extension(source) is None  # cached: no second build, no warning
+
+
+@needs_build
+@pytest.mark.parametrize("n, m", [(40, 300), (300, 40), (128, 128)])
+def test_learnt_maps_are_applied_to_each_position_once(monkeypatch, n, m):
+    """The fused path maps queries and keys a group of positions at a time: every query
+    and key row exactly once, whatever the offset between them (a negative slice end
+    once mapped nearly all queries for every group: right result, 30x the work)."""
+    import attnopt.kernels.linear.fused as fused_module
+
+    q, k, v, kv_mask, gen = _problem(11, n=n, m=m)
+    tensors = feature_tensors("hedgehog", 6, 3, 16, None, gen)
+    named = dict(zip(("q_weight", "q_bias", "k_weight", "k_bias"), tensors, strict=True))
+    seen = {"queries": 0, "keys": 0}
+    real = fused_module.apply_feature_map
+
+    def counting(x, *args, query=False, **kw):
+        seen["queries" if query else "keys"] += x.shape[-2]
+        return real(x, *args, query=query, **kw)
+
+    monkeypatch.setattr(fused_module, "apply_feature_map", counting)
+    out = linear_attention_chunked(
+        q, k, v, kv_mask, causal=True, feature_map="hedgehog", chunk=16, **named
+    )
+    assert seen == {"queries": n, "keys": m}
+    expected = naive_linear(
+        q, k, v, kv_mask, causal=True, feature_map="hedgehog", decay=None, eps=1e-6,
+        scale=0.25, tensors=tensors,
+    )  # fmt: skip
+    assert_matches(out, expected, torch.float32, TOLERANCE)
