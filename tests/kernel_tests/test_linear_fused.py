@@ -166,6 +166,7 @@ def test_learnt_maps_are_applied_to_each_position_once(monkeypatch, n, m):
         return real(x, *args, query=query, **kw)
 
     monkeypatch.setattr(fused_module, "apply_feature_map", counting)
+    monkeypatch.setattr(fused_module, "GROUP_ELEMENTS", 1)  # one chunk per group
     out = linear_attention_chunked(
         q, k, v, kv_mask, causal=True, feature_map="hedgehog", chunk=16, **named
     )
