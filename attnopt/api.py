@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
 import re
 import threading
 import warnings
@@ -193,6 +195,46 @@ class OptimizedModule(nn.Module):
     def original(self) -> nn.Module:
         """The wrapped original model (its parameters are the optimized model's)."""
         return self._modules["_orig_mod"]
+
+    def _replace_parameters(self, values: dict[str, torch.Tensor]) -> None:
+        """Give the optimized model new weights for the parameters named in ``values``
+        (names in :attr:`original`) without touching the tensors it shares with the
+        model given to :func:`optimize`.
+
+        The wrapped model becomes a structural copy of it that shares every other
+        parameter and buffer; the changed ones are new ``nn.Parameter`` tensors, and
+        every captured graph's attribute that held an old tensor holds the new one.
+        """
+        named = dict(self.original.named_parameters(remove_duplicate=False))
+        unknown = sorted(set(values) - set(named))
+        if unknown:
+            raise KeyError(f"_replace_parameters: no parameters named {unknown} in the model")
+        fresh: dict[int, nn.Parameter] = {}
+        for name, value in values.items():
+            old = named[name]
+            if id(old) not in fresh:
+                new = value.detach().to(dtype=old.dtype, device=old.device).clone()
+                fresh[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad)
+        if not fresh:
+            return
+        kept = itertools.chain(self.original.parameters(), self.original.buffers())
+        memo: dict[int, Any] = {id(t): fresh.get(id(t), t) for t in kept}
+        try:
+            clone = copy.deepcopy(self.original, memo)
+        except Exception as e:  # deepcopy raises whatever the model's attributes raise
+            raise RuntimeError(
+                f"could not copy the structure of {type(self.original).__name__} to give it "
+                f"new weights without changing the original ({type(e).__name__}: {e})"
+            ) from e
+        for _, graph in self._graphs:
+            for module in graph.modules():
+                for attr, t in list(module._parameters.items()):
+                    if t is not None and id(t) in fresh:
+                        module._parameters[attr] = fresh[id(t)]
+                for attr, t in list(vars(module).items()):
+                    if isinstance(t, torch.Tensor) and id(t) in fresh:
+                        setattr(module, attr, fresh[id(t)])
+        self._modules["_orig_mod"] = clone
 
     @property
     def attention_config(self) -> AttentionConfig | Policy:

@@ -212,27 +212,60 @@ def test_argument_errors(model, hedgehog):
 def test_finetune_merges_lora_into_attention_projections(model):
     import copy
 
-    teacher = copy.deepcopy(model)
+    user_model = copy.deepcopy(model)
     cfg = attnopt.Linear(feature_map="hedgehog")
-    fast = attnopt.optimize(teacher, cfg, measure=False)
-    base = {k: v.clone() for k, v in teacher.state_dict().items()}
+    fast = attnopt.optimize(user_model, cfg, measure=False)
+    base = {k: v.clone() for k, v in user_model.state_dict().items()}
     report = _run(fast, stage="both", steps=1, finetune_steps=2, finetune_lr=1e-2, eval_sequences=2)
     assert report.steps == {"attention": 1, "finetune": 2}
     assert len(report.losses["finetune"]) == 2
     assert all(math.isfinite(x) for x in report.losses["finetune"])
+    # The model given to optimize() keeps every weight; the optimized model wraps a copy.
+    assert all(torch.equal(v, base[k]) for k, v in user_model.state_dict().items())
+    assert fast.original is not user_model
     # The adapters were merged into the attention projections, and only there.
-    changed = {k for k, v in teacher.state_dict().items() if not torch.equal(v, base[k])}
+    merged = fast.original.state_dict()
+    changed = {k for k, v in merged.items() if not torch.equal(v, base[k])}
     assert changed and all(".self_attn." in k and k.endswith("proj.weight") for k in changed)
     assert not any("lora" in n for n, _ in fast.named_parameters())
+    # Unchanged weights are still shared, not copied.
+    unchanged = next(k for k in merged if k not in changed and k.endswith("weight"))
+    assert merged[unchanged].data_ptr() == user_model.state_dict()[unchanged].data_ptr()
     # The optimized model computes the merged model: same as optimizing it afresh.
-    fresh = attnopt.optimize(teacher, cfg, measure=False)
+    fresh = attnopt.optimize(fast.original, cfg, measure=False)
     fresh.attnopt_params.load_state_dict(fast.attnopt_params.state_dict())
     ids = _tokens(2 * SEQ).reshape(2, SEQ)
     with torch.no_grad():
         a = fast(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         b = fresh(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        before = attnopt.optimize(user_model, cfg, measure=False)
+        before.attnopt_params.load_state_dict(fast.attnopt_params.state_dict())
+        c = before(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)  # the merged weights are what the graph runs
     assert math.isfinite(report.perplexity_after)
+
+
+def test_replace_parameters_repoints_graphs_and_rejects_unknown_names(model):
+    import copy
+
+    user_model = copy.deepcopy(model)
+    fast = attnopt.optimize(user_model, attnopt.Linear(), measure=False)
+    ids = _tokens(2 * SEQ).reshape(2, SEQ)
+    name = next(n for n, _ in user_model.named_parameters() if n.endswith("q_proj.weight"))
+    old = dict(user_model.named_parameters())[name].detach().clone()
+    with torch.no_grad():
+        out_before = fast(input_ids=ids).logits
+        fast._replace_parameters({name: torch.randn_like(old)})
+        out_after = fast(input_ids=ids).logits
+    assert torch.equal(dict(user_model.named_parameters())[name], old)
+    assert not torch.allclose(out_before, out_after)
+    # The same as a model optimized from the new weights.
+    again = attnopt.optimize(fast.original, attnopt.Linear(), measure=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, out_after)
+    with pytest.raises(KeyError, match="no parameters named"):
+        fast._replace_parameters({"not.a.parameter": old})
 
 
 # -- resume after a real kill -------------------------------------------------------------------

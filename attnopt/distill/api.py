@@ -245,9 +245,10 @@ def distill(
             against exact softmax attention on the same inputs), ``"finetune"``
             (stage 2: LoRA adapters on the attention projections, merged into the
             model's weights at the end) or ``"both"`` (1 then 2). The merged weights
-            are those ``optimized`` shares with the model given to ``optimize``,
-            which therefore changes too: optimize a ``copy.deepcopy`` of it to keep
-            the original (e.g. as the teacher of a later stage-2 run).
+            are new tensors of ``optimized``: the model given to ``optimize`` keeps
+            its own. The KL teacher is ``optimized`` with exact attention (its own
+            weights), so a later stage-2 run on it distils against the fine-tuned
+            weights.
         steps, lr: optimizer steps and peak learning rate (AdamW, warm-up then cosine)
             of stage 1.
         batch_size: sequences per step, over all processes (divisible by their number).

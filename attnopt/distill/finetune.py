@@ -11,9 +11,10 @@ Why a copy and a second ``optimize``: the optimized model runs a graph captured 
 afterwards would never run. Instead the original model is copied, ``peft`` injects
 the adapters into the copy, the copy is optimized with the same per-site configs
 (the trained variant parameters are copied over), and the student trains there. At
-the end the adapters are merged (``merge_and_unload``) and the merged weights are
-written into the original model's parameters, which the optimized model's graphs
-share: the optimized model becomes the fine-tuned student in place.
+the end the adapters are merged (``merge_and_unload``) and the optimized model gets the
+merged weights as new tensors (its graphs re-pointed to them,
+``OptimizedModule._replace_parameters``): it becomes the fine-tuned student, while the
+model given to ``optimize`` keeps its weights and stays the teacher.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class LoraStudent:
 
     Args:
         optimized: an :class:`~attnopt.api.OptimizedModule` (not modified until
-            :meth:`merge_into`).
+            :meth:`merge_into`, and the model it wraps never).
         rank, alpha: LoRA rank and scaling numerator (``alpha / rank`` scales the update).
         train_attention: also train the variant parameters (default: frozen).
     """
@@ -138,12 +139,16 @@ class LoraStudent:
                 p.copy_(state[n])
 
     def merge_into(self, optimized: nn.Module) -> None:
-        """Merge the adapters and write the result into ``optimized`` (in place)."""
+        """Merge the adapters and give ``optimized`` the merged weights: new tensors for
+        the changed parameters, so the model given to ``optimize`` keeps its own."""
         merged = self.peft_model.merge_and_unload()
         src = dict(merged.named_parameters())
         with torch.no_grad():
-            for name, p in optimized.original.named_parameters():
-                if name in src and not torch.equal(p, src[name]):
-                    p.copy_(src[name])
+            changed = {
+                name: src[name]
+                for name, p in optimized.original.named_parameters()
+                if name in src and not torch.equal(p, src[name])
+            }
+            optimized._replace_parameters(changed)
             if self.train_attention:
                 optimized.attnopt_params.load_state_dict(self.module.attnopt_params.state_dict())
