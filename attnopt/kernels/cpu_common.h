@@ -5,6 +5,12 @@
 
 #include <ATen/native/CPUBlas.h>
 
+// at::native::cpublas::brgemm on float (oneDNN's micro-kernel where the CPU has it, a
+// BLAS gemm otherwise); torch builds without it cannot build these kernels.
+#ifndef CPUBLAS_BRGEMM_F32F32F32
+#error "this torch has no float at::native::cpublas::brgemm; attnopt uses its PyTorch kernels"
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
