@@ -168,6 +168,13 @@ def run_all(case, q, k, v, kv_mask, tensors, mix):
         ),
     )
     yield (
+        "blockwise-pytorch",
+        hybrid_attention_blockwise(
+            q, k, v, kv_mask, scale=scale, chunk=case["chunk"],
+            max_elements=case["max_elements"], mix_logit=mix, fused=False, **kw, **named,
+        ),
+    )  # fmt: skip
+    yield (
         "op",
         OP(
             q,

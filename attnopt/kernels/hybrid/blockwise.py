@@ -19,6 +19,8 @@ temporary holds about ``max_elements`` numbers; no ``[N, M]`` tensor exists.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from attnopt.kernels._checks import check_attention_inputs
@@ -57,6 +59,7 @@ def hybrid_attention_blockwise(
     k_bias: torch.Tensor | None = None,
     mix_logit: torch.Tensor | None = None,
     max_elements: int | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Hybrid attention without an ``[N, M]`` tensor; semantics of
     :func:`~attnopt.kernels.hybrid.reference.hybrid_attention_reference`.
@@ -67,6 +70,9 @@ def hybrid_attention_blockwise(
         chunk: query rows per block and positions per chunk of the linear part
             (speed/memory only).
         max_elements: numbers per group temporary; default ``2**15``.
+        fused: whether inference on CPU may use the fused C++ kernel
+            (:mod:`~attnopt.kernels.hybrid.fused`; same result, faster). False keeps
+            the blockwise path.
         The rest: as in the reference.
 
     Example:
@@ -105,6 +111,7 @@ def hybrid_attention_blockwise(
         mix_logit=mix_logit,
         max_elements=max_elements,
         differentiable=grad,
+        fused=fused,
     )
 
 
@@ -221,8 +228,13 @@ def hybrid_forward(
     mix_logit: torch.Tensor | None = None,
     max_elements: int | None = None,
     differentiable: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """The blockwise kernel on checked inputs (no argument checks)."""
+    """The blockwise kernel on checked inputs (no argument checks).
+
+    ``fused``: inference on CPU may take the C++ kernel
+    (:mod:`~attnopt.kernels.hybrid.fused`), which computes the same result faster;
+    False keeps this path (the tests compare the two)."""
     B, H, N, D = q.shape
     M, Dv = k.shape[2], v.shape[-1]
     if N == 0 or M == 0:
@@ -231,6 +243,16 @@ def hybrid_forward(
     window = min(window, M)
     sinks = min(sinks, M)
     C = max(1, min(chunk, N))
+    if fused:
+        from attnopt.kernels.hybrid.fused import fused_hybrid
+
+        out = fused_hybrid(
+            q, k, v, kv_mask, window=window, sinks=sinks,
+            scale=1.0 / math.sqrt(D) if scale is None else float(scale),
+            feature_map=feature_map, chunk=C, mix_logit=mix_logit, differentiable=differentiable,
+        )  # fmt: skip
+        if out is not None:
+            return out.to(q.dtype)
     plan = make_plan(
         q,
         k,
