@@ -10,7 +10,7 @@ causal and bidirectional, and the static radial pattern. The "kept / visible blo
 column is measured from the selection: kept (query block, key block) pairs over the
 pairs the causal flag allows. The fused C++ kernel serves these calls (built on first
 use); the "gather path" row is the PyTorch path it replaces (run under
-``attnopt.kernels._cpp.cpp_kernels_disabled``).
+``attnopt.kernels.cpp_kernels_disabled``).
 
 Measurement (see ``benchmarks/_harness.py``): every (implementation, length) pair runs
 in a fresh subprocess; peak extra memory is the growth of the resident set during one
@@ -91,7 +91,7 @@ def _make_block_sparse(n: int, params: dict):
 
     import torch
 
-    from attnopt.kernels._cpp import cpp_kernels_disabled
+    from attnopt.kernels import cpp_kernels_disabled
 
     # fused=False: the PyTorch gather path, for this runner's calls only.
     path = contextlib.nullcontext if params.get("fused", True) else cpp_kernels_disabled

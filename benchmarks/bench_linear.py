@@ -7,7 +7,7 @@ default torch thread count. Rows:
   ``scaled_dot_product_attention`` (no mask);
 * linear, causal chunked: ``attnopt::linear_attention`` (``causal=True``, chunk 64)
   against SDPA with ``is_causal=True``: the fused C++ kernel (built on first use),
-  then the PyTorch path it replaces (``attnopt.kernels._cpp.cpp_kernels_disabled``);
+  then the PyTorch path it replaces (``attnopt.kernels.cpp_kernels_disabled``);
 * hybrid: ``attnopt::hybrid_attention`` (window 64, 4 sinks, chunk 64) against
   causal SDPA.
 
@@ -70,7 +70,7 @@ def _linear(n: int, params: dict):
 
     import torch
 
-    from attnopt.kernels._cpp import cpp_kernels_disabled
+    from attnopt.kernels import cpp_kernels_disabled
 
     # fused=False: the PyTorch path, for this runner's calls only.
     path = contextlib.nullcontext if params.get("fused", True) else cpp_kernels_disabled

@@ -26,6 +26,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from attnopt.kernels._cpp import cpp_kernels_disabled, cpp_kernels_enabled
+
 if TYPE_CHECKING:
     from attnopt._compat import OpOverload
     from attnopt.config import AttentionConfig
@@ -35,6 +37,8 @@ __all__ = [
     "OpCall",
     "ParamRef",
     "Variant",
+    "cpp_kernels_disabled",
+    "cpp_kernels_enabled",
     "get_variant",
     "register_variant",
     "registered_variants",

@@ -10,6 +10,7 @@ its copy paths, the calls it must decline, and the build fallback.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import warnings
 
@@ -176,3 +177,17 @@ def test_learnt_maps_are_applied_to_each_position_once(monkeypatch, n, m):
         scale=0.25, tensors=tensors,
     )  # fmt: skip
     assert_matches(out, expected, torch.float32, TOLERANCE)
+
+
+def test_cpp_kernels_disabled_restores_the_environment(monkeypatch):
+    from attnopt.kernels import cpp_kernels_disabled, cpp_kernels_enabled
+
+    monkeypatch.delenv("ATTNOPT_CPP_KERNELS", raising=False)
+    with cpp_kernels_disabled():
+        assert not cpp_kernels_enabled()
+        assert _cpp.load_extension(_SOURCE) is None
+    assert cpp_kernels_enabled() and "ATTNOPT_CPP_KERNELS" not in os.environ
+    monkeypatch.setenv("ATTNOPT_CPP_KERNELS", "off")
+    with cpp_kernels_disabled():
+        pass
+    assert os.environ["ATTNOPT_CPP_KERNELS"] == "off"
