@@ -14,10 +14,12 @@ import math
 import pytest
 import torch
 
+from attnopt.kernels.hybrid import fused as fused_module
 from attnopt.kernels.hybrid import hybrid_attention_blockwise
 from attnopt.kernels.hybrid.fused import MAX_WINDOW, fused_hybrid
 from tests.kernel_tests.cpu_support import KERNEL_TOLERANCE, assert_matches
-from tests.kernel_tests.test_hybrid import naive_hybrid
+from tests.kernel_tests.test_hybrid import NAMES, naive_hybrid
+from tests.kernel_tests.test_linear import feature_tensors
 from tests.kernel_tests.test_linear_fused import needs_build
 
 TOLERANCE = KERNEL_TOLERANCE["hybrid"]
@@ -33,10 +35,10 @@ def _problem(seed, *, b=2, h=4, hkv=2, n=150, m=150, d=16, dv=12):
     return q, k, v, kv_mask, mix
 
 
-def _naive(q, k, v, kv_mask, *, window, sinks, feature_map, mix):
+def _naive(q, k, v, kv_mask, *, window, sinks, feature_map, mix, tensors=(None,) * 4):
     return naive_hybrid(
         q, k, v, kv_mask, window=window, sinks=sinks, scale=1 / math.sqrt(q.shape[-1]),
-        feature_map=feature_map, tensors=(None,) * 4, mix_logit=mix,
+        feature_map=feature_map, tensors=tensors, mix_logit=mix,
     )  # fmt: skip
 
 
@@ -72,6 +74,34 @@ def test_fused_offsets_and_no_mix(n, m):
     assert_matches(out, expected, torch.float32, TOLERANCE)
 
 
+@needs_build
+@pytest.mark.parametrize("feature_map", ["hedgehog", "softmax_rf"])
+@pytest.mark.parametrize("n, m", [(150, 150), (40, 200), (200, 40)])
+@pytest.mark.parametrize("small_groups", [False, True])
+def test_fused_learnt_maps(monkeypatch, feature_map, n, m, small_groups):
+    """Learnt and random maps are applied in groups of rows (one chunk per group with
+    ``small_groups``), the kernel carrying the state from one group to the next."""
+    if small_groups:
+        monkeypatch.setattr(fused_module, "GROUP_ELEMENTS", 1)
+    q, k, v, kv_mask, mix = _problem(n + m, n=n, m=m)
+    gen = torch.Generator().manual_seed(5)
+    tensors = feature_tensors(feature_map, 4, 2, 16, None, gen)
+    named = dict(zip(NAMES, tensors, strict=True))
+    expected = _naive(
+        q, k, v, kv_mask, window=9, sinks=2, feature_map=feature_map, mix=mix, tensors=tensors
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = hybrid_attention_blockwise(
+            q, k, v, kv_mask, window=9, sinks=2, feature_map=feature_map, chunk=16,
+            mix_logit=mix, **named,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert_matches(out, expected, torch.float32, TOLERANCE)
+
+
 def _call(q, k, v, **kw):
     args = dict(
         window=8, sinks=1, scale=0.25, feature_map="elu", chunk=16, mix_logit=None,
@@ -84,7 +114,6 @@ def _call(q, k, v, **kw):
 def test_fused_declines_what_it_does_not_compute():
     q, k, v, _, mix = _problem(3)
     assert _call(q, k, v) is not None
-    assert _call(q, k, v, feature_map="hedgehog") is None
     assert _call(q, k, v, differentiable=True) is None
     assert _call(q, k, v, window=MAX_WINDOW + 1) is None
     assert _call(*(t.half() for t in (q, k, v))) is None

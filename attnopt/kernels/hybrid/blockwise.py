@@ -250,6 +250,7 @@ def hybrid_forward(
             q, k, v, kv_mask, window=window, sinks=sinks,
             scale=1.0 / math.sqrt(D) if scale is None else float(scale),
             feature_map=feature_map, chunk=C, mix_logit=mix_logit, differentiable=differentiable,
+            tensors=tensors,
         )  # fmt: skip
         if out is not None:
             return out.to(q.dtype)

@@ -33,6 +33,7 @@ using attnopt::exp_nonpositive;
 using attnopt::mm_rm;
 using attnopt::transpose;
 
+constexpr int64_t kGiven = 0;
 constexpr int64_t kElu = 1;
 constexpr int64_t kRelu = 2;
 
@@ -68,19 +69,42 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) float exp_row(float
 }  // namespace
 
 void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                const c10::optional<Tensor>& valid, const c10::optional<Tensor>& log_g,
-                const c10::optional<Tensor>& log_1g, Tensor out, int64_t offset,
-                int64_t window, int64_t sinks, int64_t chunk, int64_t phi_mode, double scale) {
+                const c10::optional<Tensor>& qphi, const c10::optional<Tensor>& kphi,
+                int64_t kphi_begin, const c10::optional<Tensor>& valid,
+                const c10::optional<Tensor>& log_g, const c10::optional<Tensor>& log_1g,
+                Tensor out, Tensor states, int64_t offset, int64_t window, int64_t sinks,
+                int64_t chunk, int64_t phi_mode, double scale, int64_t row_begin,
+                int64_t row_end, int64_t init_begin, int64_t init_end) {
   for (const Tensor* t : {&q, &k, &v, static_cast<const Tensor*>(&out)}) {
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->stride(3) == 1,
                 "q, k, v and out must be 4-D float32 with contiguous rows");
   }
   TORCH_CHECK(window >= 1 && sinks >= 0 && chunk >= 1, "bad window, sinks or chunk");
-  TORCH_CHECK(phi_mode == kElu || phi_mode == kRelu, "phi_mode must be 1 (elu) or 2 (relu)");
+  TORCH_CHECK(phi_mode == kGiven || phi_mode == kElu || phi_mode == kRelu,
+              "phi_mode must be 0 (features given), 1 (elu) or 2 (relu)");
+  const bool given = phi_mode == kGiven;
+  TORCH_CHECK(!given || (qphi.has_value() && kphi.has_value()),
+              "phi_mode 0 needs qphi and kphi");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), M = k.size(2), Dv = v.size(3);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of kv heads");
-  const int64_t R = H / Hkv, F = D, C = chunk, w = Dv + 1;
+  const int64_t R = H / Hkv, C = chunk, w = Dv + 1;
+  const int64_t F = given ? qphi->size(3) : D;
+  const float* qphp = nullptr;
+  const float* kphp = nullptr;
+  int64_t kphi_len = 0;
+  if (given) {
+    TORCH_CHECK(qphi->is_contiguous() && kphi->is_contiguous() &&
+                    qphi->scalar_type() == at::kFloat && kphi->scalar_type() == at::kFloat &&
+                    qphi->size(2) == row_end - row_begin && kphi->size(3) == F,
+                "qphi [B, H, rows, F] and kphi [B, Hkv, keys, F] must be contiguous float32");
+    qphp = qphi->data_ptr<float>();
+    kphp = kphi->data_ptr<float>();
+    kphi_len = kphi->size(2);
+  }
+  TORCH_CHECK(states.is_contiguous() && states.scalar_type() == at::kFloat &&
+                  states.numel() == B * H * F * w,
+              "states must be contiguous float32 [B * H, F * (Dv + 1)]");
   const float* vm = nullptr;
   int64_t Bm = 1, Hm = 1;
   if (valid.has_value()) {
@@ -106,7 +130,6 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
   const int64_t per_thread = C * F + C * D + F * C + C * w + C * C + C * w + D * NW + C * NW +
                              NW + 2 * C;
   Tensor work = at::empty({at::get_num_threads(), per_thread}, q.options());
-  Tensor states = at::zeros({B * H, F * w}, q.options());
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     float* base = work.data_ptr<float>() + at::get_thread_num() * per_thread;
@@ -136,7 +159,19 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
         if (j < sinks || j < 0 || j >= M) return 0.f;
         return mrow == nullptr ? 1.f : mrow[j];
       };
-      // Adds keys [a, e) (old for every later row) to S; returns nothing.
+      // phi(k) of key positions [lo, hi), transposed into dst (leading dim C).
+      const float* kph = given ? kphp + (b * Hkv + hk) * kphi_len * F : nullptr;
+      auto key_features = [&](int64_t lo, int64_t hi, float* dst) {
+        if (given) {
+          TORCH_CHECK(lo >= kphi_begin && hi <= kphi_begin + kphi_len,
+                      "kphi does not cover key positions [", lo, ", ", hi, ")");
+          transpose(kph + (lo - kphi_begin) * F, F, hi - lo, F, dst, C);
+          return;
+        }
+        transpose(kh + lo * ks[2], ks[2], hi - lo, F, dst, C);
+        for (int64_t f = 0; f < F; ++f) phi_inplace(dst + f * C, hi - lo, phi_mode);
+      };
+      // Adds keys [a, e) (old for every later row) to S.
       auto add_old = [&](int64_t a, int64_t e) {
         for (int64_t c0 = a; c0 < e; c0 += C) {
           const int64_t c1 = std::min(e, c0 + C), n = c1 - c0;
@@ -144,8 +179,7 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
           std::fill(kt, kt + F * C, 0.f);
           std::fill(vb, vb + C * w, 0.f);
           if (hi > lo) {
-            transpose(kh + lo * ks[2], ks[2], hi - lo, F, kt + (lo - c0), C);
-            for (int64_t f = 0; f < F; ++f) phi_inplace(kt + f * C + (lo - c0), hi - lo, phi_mode);
+            key_features(lo, hi, kt + (lo - c0));
             for (int64_t j = lo; j < hi; ++j) {
               const float m = linear_valid(j);
               for (int64_t f = 0; f < F; ++f) kt[f * C + (j - c0)] *= m;
@@ -156,19 +190,24 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
           mm_rm(F, w, n, kt, C, vb, w, true, S, w);
         }
       };
-      std::fill(S, S + F * w, 0.f);
-      // Old keys of the first row: sinks <= j <= offset - window.
-      if (offset - window + 1 > sinks) add_old(sinks, std::min(M, offset - window + 1));
-      for (int64_t r0 = 0; r0 < N; r0 += C) {
-        const int64_t r1 = std::min(N, r0 + C), nq = r1 - r0;
+      // Old keys before the first row (the caller passes [sinks, offset - window + 1)
+      // or part of it); S carries over between calls.
+      if (init_end > init_begin) add_old(init_begin, init_end);
+      for (int64_t r0 = row_begin; r0 < row_end; r0 += C) {
+        const int64_t r1 = std::min(row_end, r0 + C), nq = r1 - r0;
         const int64_t P0 = r0 + offset;  // position of the chunk's first row
         // Queries: phi(q) and scale * q.
         for (int64_t r = 0; r < nq; ++r) {
           const float* x = qh + (r0 + r) * qs[2];
-          std::copy(x, x + D, qf + r * F);
+          if (!given) std::copy(x, x + D, qf + r * F);
           for (int64_t d = 0; d < D; ++d) qsc[r * D + d] = x[d] * fscale;
         }
-        phi_inplace(qf, nq * F, phi_mode);
+        if (given) {
+          const float* src = qphp + ((b * H + h) * (row_end - row_begin) + (r0 - row_begin)) * F;
+          std::copy(src, src + nq * F, qf);
+        } else {
+          phi_inplace(qf, nq * F, phi_mode);
+        }
         // Linear part: the state (old keys of row 0) and the band of keys that become
         // old within the chunk: key T0 + 1 + s is old for row r when s < r.
         const int64_t T0 = P0 - window;
@@ -179,8 +218,7 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
           std::fill(vb, vb + C * w, 0.f);
           const int64_t lo = std::max<int64_t>(a, 0), hi = std::min<int64_t>(e + 1, M);
           if (hi > lo) {
-            transpose(kh + lo * ks[2], ks[2], hi - lo, F, kt + (lo - a), C);
-            for (int64_t f = 0; f < F; ++f) phi_inplace(kt + f * C + (lo - a), hi - lo, phi_mode);
+            key_features(lo, hi, kt + (lo - a));
             for (int64_t j = lo; j < hi; ++j) {
               const float m = linear_valid(j);
               for (int64_t f = 0; f < F; ++f) kt[f * C + (j - a)] *= m;
