@@ -24,7 +24,13 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["cpp_kernels_disabled", "cpp_kernels_enabled", "load_extension"]
+__all__ = [
+    "PHI_MODES",
+    "cpp_kernels_disabled",
+    "cpp_kernels_enabled",
+    "fp32_cpu_rows",
+    "load_extension",
+]
 
 _ENV = "ATTNOPT_CPP_KERNELS"
 _log = logging.getLogger(__name__)
@@ -47,6 +53,16 @@ def _reason(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     compiler = [line for line in lines if "error:" in line]  # file:line:col: error: ...
     return f"{type(e).__name__}: {(compiler or lines or [repr(e)])[0][:300]}"
+
+
+# Feature maps the kernels apply themselves, by the numbers of ``cpu_common.h``
+# (kPhiElu, kPhiRelu); 0 means the features are passed in.
+PHI_MODES = {"elu": 1, "relu": 2}
+
+
+def fp32_cpu_rows(t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` in place: fp32 on CPU with contiguous rows."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
 
 
 @contextlib.contextmanager

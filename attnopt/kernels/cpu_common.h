@@ -115,4 +115,46 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : y * scale;
 }
 
+// Feature maps of linear attention computed in the kernels (the Python side names them
+// by these numbers); kPhiGiven: the features come precomputed.
+constexpr int64_t kPhiGiven = 0;
+constexpr int64_t kPhiElu = 1;
+constexpr int64_t kPhiRelu = 2;
+
+// dst[r * ldd + c] = phi(src[r * lds + c]) for fp32 rows (in place when dst == src):
+// elu(x) + 1 (x + 1 above 0, exp(x) below), relu(x), or a copy for kPhiGiven.
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void phi_rows(
+    const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+    int64_t mode) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = src + r * lds;
+    float* y = dst + r * ldd;
+    if (mode == kPhiElu) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float e = exp_nonpositive(x[c] < 0.f ? x[c] : 0.f);
+        y[c] = x[c] > 0.f ? x[c] + 1.f : e;
+      }
+    } else if (mode == kPhiRelu) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) y[c] = x[c] > 0.f ? x[c] : 0.f;
+    } else if (x != y) {
+      std::copy(x, x + cols, y);
+    }
+  }
+}
+
+// row[s] = exp(row[s] - m) for s < n (every row[s] <= m, -inf allowed); returns their sum.
+__attribute__((target_clones("avx512f", "avx2", "default"))) static float exp_shifted(
+    float* row, int64_t n, float m) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t s = 0; s < n; ++s) {
+    const float e = exp_nonpositive(row[s] - m);
+    row[s] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 }  // namespace attnopt

@@ -31,7 +31,6 @@
 namespace {
 
 using at::Tensor;
-using attnopt::exp_nonpositive;
 using attnopt::mm_rm;
 using attnopt::transpose;
 
@@ -57,13 +56,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_numera
       std::fill(row, row + W, 0.f);
       continue;
     }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t s = 0; s < W; ++s) {
-      const float e = exp_nonpositive(row[s] - m);
-      row[s] = e;
-      sum += e;
-    }
+    const float sum = attnopt::exp_shifted(row, W, m);
     alpha[r] = run_max[r] == neg_inf ? 0.f : std::exp(run_max[r] - m);
     run_sum[r] = run_sum[r] * alpha[r] + sum;
     run_max[r] = m;
@@ -87,7 +80,7 @@ void block_sparse_fwd(
   TORCH_CHECK(count.dim() == 3 && count.scalar_type() == at::kInt, "count must be int32 3-D");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   const int64_t Hkv = k.size(1), M = k.size(2), Dv = v.size(3);
-  const int64_t nQ = index.size(2), K = index.size(3);
+  const int64_t nQ = index.size(2);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(block > 0, "block must be positive");
   const int64_t R = H / Hkv;

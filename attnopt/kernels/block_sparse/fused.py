@@ -24,16 +24,12 @@ from pathlib import Path
 
 import torch
 
-from attnopt.kernels._cpp import load_extension
+from attnopt.kernels._cpp import fp32_cpu_rows, load_extension
 from attnopt.kernels.block_sparse.selection import block_layout
 
 __all__ = ["fused_block_sparse"]
 
 _SOURCE = Path(__file__).with_name("block_sparse_cpu.cpp")
-
-
-def _takes(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
 
 
 def fused_block_sparse(
@@ -43,7 +39,7 @@ def fused_block_sparse(
     :func:`~attnopt.kernels.block_sparse.gather.block_sparse_forward`), or None where
     the fused kernel does not apply or cannot be built."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if grad or not all(_takes(t) for t in (q, k, v)):
+    if grad or not all(fp32_cpu_rows(t) for t in (q, k, v)):
         return None
     ext = load_extension(_SOURCE)
     if ext is None:

@@ -26,20 +26,15 @@ from pathlib import Path
 
 import torch
 
-from attnopt.kernels._cpp import load_extension
+from attnopt.kernels._cpp import PHI_MODES, fp32_cpu_rows, load_extension
 from attnopt.kernels.linear.feature_maps import apply_feature_map
 
 __all__ = ["GROUP_ELEMENTS", "MAX_WINDOW", "fused_hybrid"]
 
 _SOURCE = Path(__file__).with_name("hybrid_cpu.cpp")
-_PHI_MODE = {"elu": 1, "relu": 2}
 MAX_WINDOW = 2048
 # Numbers per group of features of the learnt maps (all heads together).
 GROUP_ELEMENTS = 1 << 16
-
-
-def _takes(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
 
 
 def fused_hybrid(
@@ -53,7 +48,7 @@ def fused_hybrid(
         torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (q, k, v, mix_logit, *tensors))
     )
-    if grad or window > MAX_WINDOW or not all(_takes(t) for t in (q, k, v)):
+    if grad or window > MAX_WINDOW or not all(fp32_cpu_rows(t) for t in (q, k, v)):
         return None
     ext = load_extension(_SOURCE)
     if ext is None:
@@ -76,7 +71,7 @@ def fused_hybrid(
     out = torch.empty(B, H, N, Dv, dtype=torch.float32)
     # Old keys of the first query: sinks <= j <= off - window.
     init_end = max(sinks, min(M, off - window + 1))
-    mode = _PHI_MODE.get(feature_map)
+    mode = PHI_MODES.get(feature_map)
     if mode is not None:
         F = q.shape[-1]
         states = torch.zeros(B * H, F * (Dv + 1))

@@ -29,42 +29,14 @@
 namespace {
 
 using at::Tensor;
-using attnopt::exp_nonpositive;
 using attnopt::mm_rm;
 using attnopt::transpose;
 
-constexpr int64_t kGiven = 0;
-constexpr int64_t kElu = 1;
-constexpr int64_t kRelu = 2;
+constexpr int64_t kGiven = attnopt::kPhiGiven;
+constexpr int64_t kElu = attnopt::kPhiElu;
+constexpr int64_t kRelu = attnopt::kPhiRelu;
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void phi_inplace(
-    float* x, int64_t n, int64_t mode) {
-  if (mode == kElu) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = exp_nonpositive(x[i] < 0.f ? x[i] : 0.f);
-      x[i] = x[i] > 0.f ? x[i] + 1.f : e;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] > 0.f ? x[i] : 0.f;
-  }
-}
-
-// Softmax numerators of one row of window scores against the row's final max m
-// (scores already hold s + log g; hidden ones -inf): exp(s - m) in place, their sum.
-__attribute__((target_clones("avx512f", "avx2", "default"))) float exp_row(float* row,
-                                                                             int64_t n,
-                                                                             float m) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t s = 0; s < n; ++s) {
-    const float e = exp_nonpositive(row[s] - m);
-    row[s] = e;
-    sum += e;
-  }
-  return sum;
-}
+void phi_inplace(float* x, int64_t n, int64_t mode) { attnopt::phi_rows(x, n, 1, n, x, n, mode); }
 
 }  // namespace
 
@@ -128,7 +100,7 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
 
   // Per-thread buffers, allocated once here.
   const int64_t per_thread = C * F + C * D + F * C + C * w + C * C + C * w + D * NW + C * NW +
-                             NW + 2 * C;
+                             NW + C;
   Tensor work = at::empty({at::get_num_threads(), per_thread}, q.options());
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -142,8 +114,7 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
     float* ktw = lin + C * w;       // [D, NW] window and sink keys, transposed
     float* sw = ktw + D * NW;       // [C, NW] their scores
     float* keyw = sw + C * NW;      // [NW]    their 0/1 validity (as float)
-    float* rowm = keyw + NW;        // [C]
-    float* rowd = rowm + C;         // [C]
+    float* rowd = keyw + NW;        // [C]    row normalisers
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, hk = h / R;
       float* S = states.data_ptr<float>() + bh * F * w;
@@ -171,22 +142,26 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
         transpose(kh + lo * ks[2], ks[2], hi - lo, F, dst, C);
         for (int64_t f = 0; f < F; ++f) phi_inplace(dst + f * C, hi - lo, phi_mode);
       };
+      // kt [F, C] <- masked phi(k) and vb [C, w] <- [v, 1] of key positions [a, a + n)
+      // (n <= C); positions outside [0, M), sinks and padding give zero features.
+      auto load_linear_keys = [&](int64_t a, int64_t n) {
+        std::fill(kt, kt + F * C, 0.f);
+        std::fill(vb, vb + C * w, 0.f);
+        const int64_t lo = std::max<int64_t>(a, 0), hi = std::min<int64_t>(a + n, M);
+        if (hi <= lo) return;
+        key_features(lo, hi, kt + (lo - a));
+        for (int64_t j = lo; j < hi; ++j) {
+          const float m = linear_valid(j);
+          for (int64_t f = 0; f < F; ++f) kt[f * C + (j - a)] *= m;
+          std::copy(vh + j * vs[2], vh + j * vs[2] + Dv, vb + (j - a) * w);
+          vb[(j - a) * w + Dv] = 1.f;
+        }
+      };
       // Adds keys [a, e) (old for every later row) to S.
       auto add_old = [&](int64_t a, int64_t e) {
         for (int64_t c0 = a; c0 < e; c0 += C) {
-          const int64_t c1 = std::min(e, c0 + C), n = c1 - c0;
-          const int64_t lo = std::max<int64_t>(c0, 0), hi = std::min<int64_t>(c1, M);
-          std::fill(kt, kt + F * C, 0.f);
-          std::fill(vb, vb + C * w, 0.f);
-          if (hi > lo) {
-            key_features(lo, hi, kt + (lo - c0));
-            for (int64_t j = lo; j < hi; ++j) {
-              const float m = linear_valid(j);
-              for (int64_t f = 0; f < F; ++f) kt[f * C + (j - c0)] *= m;
-              std::copy(vh + j * vs[2], vh + j * vs[2] + Dv, vb + (j - c0) * w);
-              vb[(j - c0) * w + Dv] = 1.f;
-            }
-          }
+          const int64_t n = std::min(e, c0 + C) - c0;
+          load_linear_keys(c0, n);
           mm_rm(F, w, n, kt, C, vb, w, true, S, w);
         }
       };
@@ -213,19 +188,9 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
         const int64_t T0 = P0 - window;
         mm_rm(nq, w, F, qf, F, S, w, false, lin, w);
         {
-          const int64_t a = T0 + 1, e = T0 + nq;  // keys seen by some later row
-          std::fill(kt, kt + F * C, 0.f);
-          std::fill(vb, vb + C * w, 0.f);
-          const int64_t lo = std::max<int64_t>(a, 0), hi = std::min<int64_t>(e + 1, M);
-          if (hi > lo) {
-            key_features(lo, hi, kt + (lo - a));
-            for (int64_t j = lo; j < hi; ++j) {
-              const float m = linear_valid(j);
-              for (int64_t f = 0; f < F; ++f) kt[f * C + (j - a)] *= m;
-              std::copy(vh + j * vs[2], vh + j * vs[2] + Dv, vb + (j - a) * w);
-              vb[(j - a) * w + Dv] = 1.f;
-            }
-          }
+          // Keys T0 + 1 .. T0 + nq: old for later rows of the chunk, and all of them for
+          // the next chunk.
+          load_linear_keys(T0 + 1, nq);
           if (nq > 1) {
             mm_rm(nq, nq, F, qf, F, kt, C, false, band, nq);
             for (int64_t r = 0; r < nq; ++r) {
@@ -263,14 +228,13 @@ void hybrid_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
           const float den_lin = lin[r * w + Dv];
           const float ell = den_lin > 0.f ? std::log(den_lin) + log_1gh : neg_inf;
           const float m = std::max(mw, ell);
-          rowm[r] = m;
           if (m == neg_inf) {  // no key at all
             rowd[r] = 0.f;
             std::fill(row, row + nw, 0.f);
             continue;
           }
           const float wl = ell == neg_inf ? 0.f : std::exp(ell - m);
-          const float sum = nw > 0 ? exp_row(row, nw, m) : 0.f;
+          const float sum = nw > 0 ? attnopt::exp_shifted(row, nw, m) : 0.f;
           rowd[r] = sum + wl;
           // Keep the linear part's factor where lin's den was: wl / den_lin.
           lin[r * w + Dv] = wl > 0.f ? wl / den_lin : 0.f;

@@ -29,9 +29,9 @@ namespace {
 using at::Tensor;
 using attnopt::mm_rm;
 
-constexpr int64_t kGiven = 0;
-constexpr int64_t kElu = 1;
-constexpr int64_t kRelu = 2;
+using attnopt::phi_rows;
+constexpr int64_t kGiven = attnopt::kPhiGiven;
+constexpr int64_t kRelu = attnopt::kPhiRelu;
 
 // dst [L, F] float32 <- phi(src [L, F]) (any float dtype, any strides on either side).
 void load_features(Tensor& dst, const Tensor& src, int64_t mode) {
@@ -45,28 +45,6 @@ void load_features(Tensor& dst, const Tensor& src, int64_t mode) {
     at::clamp_max_out(dst, x, 0.0);
     dst.exp_();
     dst.add_(x.clamp_min(0.0));
-  }
-}
-
-// dst[r * ldd + c] = phi(src[r * lds + c]) for fp32 rows (in place when dst == src).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void phi_rows(
-    const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
-    int64_t mode) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = src + r * lds;
-    float* y = dst + r * ldd;
-    if (mode == kElu) {  // elu(x) + 1: x + 1 above 0, exp(x) below
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float e = attnopt::exp_nonpositive(x[c] < 0.f ? x[c] : 0.f);
-        y[c] = x[c] > 0.f ? x[c] + 1.f : e;
-      }
-    } else if (mode == kRelu) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) y[c] = x[c] > 0.f ? x[c] : 0.f;
-    } else if (x != y) {
-      std::copy(x, x + cols, y);
-    }
   }
 }
 

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-from attnopt.kernels._cpp import load_extension
+from attnopt.kernels._cpp import PHI_MODES, load_extension
 from attnopt.kernels.linear.feature_maps import apply_feature_map
 
 __all__ = ["BLOCK_CHUNKS", "fused_linear"]
 
 _SOURCE = Path(__file__).with_name("causal_cpu.cpp")
-_PHI_MODE = {"elu": 1, "relu": 2}
 # Chunks whose features are loaded at once (elu/relu): fewer, larger elementwise calls.
 BLOCK_CHUNKS = 4
 # Numbers per group of features of the learnt maps (all heads together).
@@ -68,7 +67,7 @@ def fused_linear(plan, q, k, v, eps: float, *, causal: bool) -> torch.Tensor | N
     state = torch.zeros(B, H, plan.F, plan.Dv + 1, dtype=torch.float32)
     valid = None if plan.key_mask is None else plan.key_mask.to(torch.float32)
     p_begin, p_end = min(0, off), max(M, off + N)
-    mode = _PHI_MODE.get(plan.feature_map)
+    mode = PHI_MODES.get(plan.feature_map)
     if mode is not None:
         ext.causal_linear_chunks(
             q, off, k, 0, v, valid, out, 0, state, p_begin, p_end, C, BLOCK_CHUNKS, mode, eps
