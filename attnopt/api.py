@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
-import itertools
 import re
 import threading
 import warnings
@@ -20,6 +18,7 @@ from attnopt.capture import (
     Captured,
     bind_inputs,
     capture,
+    copy_structure,
     eval_mode,
     example_inputs_for,
     grid_from_config,
@@ -217,15 +216,9 @@ class OptimizedModule(nn.Module):
                 fresh[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad)
         if not fresh:
             return
-        kept = itertools.chain(self.original.parameters(), self.original.buffers())
-        memo: dict[int, Any] = {id(t): fresh.get(id(t), t) for t in kept}
-        try:
-            clone = copy.deepcopy(self.original, memo)
-        except Exception as e:  # deepcopy raises whatever the model's attributes raise
-            raise RuntimeError(
-                f"could not copy the structure of {type(self.original).__name__} to give it "
-                f"new weights without changing the original ({type(e).__name__}: {e})"
-            ) from e
+        clone = copy_structure(
+            self.original, "give it new weights without changing the original", fresh
+        )
         for _, graph in self._graphs:
             for module in graph.modules():
                 for attr, t in list(module._parameters.items()):

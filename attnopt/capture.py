@@ -15,8 +15,10 @@ call falls outside it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
+import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "InputSignature",
     "bind_inputs",
     "capture",
+    "copy_structure",
     "example_inputs_for",
     "grid_from_config",
     "is_hf_model",
@@ -41,6 +44,30 @@ __all__ = [
 
 class CaptureError(RuntimeError):
     """The model could not be turned into a graph."""
+
+
+def copy_structure(
+    model: nn.Module,
+    purpose: str,
+    replace: Mapping[int, torch.Tensor] | None = None,
+    *,
+    caller: str = "",
+) -> nn.Module:
+    """A copy of ``model``'s modules and attributes that shares its parameters and
+    buffers, except those whose ``id`` is in ``replace`` (taken from there instead).
+
+    Where the model's attributes cannot be deep-copied, the error reads ``"{caller}could
+    not copy the structure of {Model} to {purpose} (...)"``."""
+    replace = replace or {}
+    shared = itertools.chain(model.parameters(), model.buffers())
+    memo: dict[int, Any] = {id(t): replace.get(id(t), t) for t in shared}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:  # deepcopy raises whatever the model's attributes raise
+        raise RuntimeError(
+            f"{caller}could not copy the structure of {type(model).__name__} to {purpose} "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def is_hf_model(model: nn.Module) -> bool:

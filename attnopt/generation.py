@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import threading
 from typing import Any
 
 import torch
 from torch import nn
 
-from attnopt.capture import is_hf_model
+from attnopt.capture import copy_structure, is_hf_model
 from attnopt.kernels.block_sparse import BlockSparse
 from attnopt.kernels.dense import Dense
 from attnopt.kernels.hybrid import Hybrid
@@ -191,15 +190,7 @@ def decode_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for generation: its own modules and config, the same
     parameters and buffers (shared, not copied), in eval mode, with the ``"attnopt"``
     attention implementation selected."""
-    shared = itertools.chain(model.parameters(), model.buffers())
-    memo: dict[int, Any] = {id(t): t for t in shared}
-    try:
-        clone = copy.deepcopy(model, memo)
-    except Exception as e:  # deepcopy raises whatever the model's attributes raise
-        raise RuntimeError(
-            f"generate(): could not copy the structure of {type(model).__name__} to run it "
-            f"with attnopt attention ({type(e).__name__}: {e})"
-        ) from e
+    clone = copy_structure(model, "run it with attnopt attention", caller="generate(): ")
     clone.eval()
     _register()
     configs = {id(m.config): m.config for m in clone.modules() if hasattr(m, "config")}
